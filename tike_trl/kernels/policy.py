@@ -1,0 +1,303 @@
+"""The policy's LM head in one tiled pass: what TRL's fused head returns (log-prob of the label,
+entropy) plus the top-k indices and their log-probs, and optionally the exact KL to a reference
+head, all differentiable, never holding more than one `[token_chunk, vocab_chunk]` tile.
+
+Backward recomputes each tile. For any upstream gradients g_o (label log-prob), g_S (top-k
+log-probs), g_H (entropy) and g_D (exact KL), the logits gradient of a row is
+
+    dL/dz_j = g_o·(1[j=o] − p_j) + Σ_{i∈S} g_i·(1[j=i] − p_j) − g_H·p_j(log p_j + H) + g_D·p_j(ℓ_j − D).
+
+TRL's backward kernel already forms G·(1[j=o] − p_j) and the entropy term; passing
+G = g_o + Σ_i g_i leaves only a sparse correction at the k+1 columns S ∪ {o}, added here. The
+index choice S carries no gradient (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .topk import BLOCK, RunningTopK
+from .trl_tiles import (
+    TOKEN_CHUNK_SIZE,
+    VOCAB_CHUNK_SIZE,
+    HeadSpec,
+    LogSumExp,
+    PairStats,
+    addmm_fp32,
+    backward_logprob_tile,
+    backward_pair_tile,
+    compute_dtype,
+    maybe_gather_lm_head_ctx,
+    project_fp32,
+)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tile sizes of a pass; TRL's by default. `block` is the column block of the top-k select."""
+
+    tokens: int = TOKEN_CHUNK_SIZE
+    vocab: int = VOCAB_CHUNK_SIZE
+    block: int = BLOCK
+
+    def rows(self, n: int) -> Iterator[slice]:
+        for start in range(0, n, self.tokens):
+            yield slice(start, min(start + self.tokens, n))
+
+    def columns(self, vocab: int) -> Iterator[tuple[int, int]]:
+        for start in range(0, vocab, self.vocab):
+            yield start, min(start + self.vocab, vocab)
+
+
+@dataclass(frozen=True)
+class RefHead:
+    """A frozen head: hidden states [N, d_ref] aligned row by row with the policy's, its weight and bias."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    spec: HeadSpec = HeadSpec()
+
+
+@dataclass
+class HeadOutputs:
+    """Per-row results of :func:`policy_head`; log-probs are float32 and differentiable."""
+
+    logprob: torch.Tensor  # [N] log p(label)
+    entropy: torch.Tensor  # [N]
+    topk_logprobs: torch.Tensor  # [N, k]
+    topk_indices: torch.Tensor  # [N, k], no gradient
+    log_z: torch.Tensor  # [N], no gradient
+    exact_kl: torch.Tensor | None = None  # [N] Σ_v p_v ℓ_v, when a reference head was given
+
+
+def policy_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    spec: HeadSpec = HeadSpec(),
+    top_k: int = 0,
+    ref: RefHead | None = None,
+    tiling: Tiling = Tiling(),
+) -> HeadOutputs:
+    """One tiled pass over the policy head; see the module docstring. `top_k=0` skips the top-k."""
+    if top_k > weight.shape[0]:
+        raise ValueError(f"top_k={top_k} is larger than the head's {weight.shape[0]} rows.")
+    if tiling.vocab % tiling.block:
+        raise ValueError(f"The vocabulary tile ({tiling.vocab}) must be a multiple of the top-k block ({tiling.block}).")
+    if ref is None:
+        outputs = _TopKHead.apply(hidden, weight, bias, targets, spec, top_k, tiling)
+        return HeadOutputs(*outputs)
+    if ref.spec.temperature != spec.temperature:
+        raise ValueError("The policy and the reference head must use the same temperature.")
+    if ref.hidden.shape[0] != hidden.shape[0] or ref.weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"Reference head ({ref.hidden.shape[0]} rows, vocabulary {ref.weight.shape[0]}) does not match the "
+            f"policy's ({hidden.shape[0]} rows, vocabulary {weight.shape[0]})."
+        )
+    outputs = _ExactKLHead.apply(hidden, weight, bias, targets, ref.hidden.detach(), ref.weight.detach(),
+                                 None if ref.bias is None else ref.bias.detach(), spec, ref.spec, top_k, tiling)
+    return HeadOutputs(*outputs)
+
+
+def _project(buf: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, start: int,
+             end: int) -> torch.Tensor:
+    """hidden @ weight[start:end].T (+ bias) into a view of `buf`, in `buf`'s dtype, like TRL's head."""
+    tile = buf[: hidden.shape[0], : end - start]
+    torch.mm(hidden, weight[start:end].to(buf.dtype).t(), out=tile)
+    if bias is not None:
+        tile.add_(bias[start:end].to(buf.dtype))
+    return tile
+
+
+def _label_targets(targets: torch.Tensor, rows: slice, vocab_start: int, tile: torch.Tensor):
+    local = targets[rows] - vocab_start
+    return local, (local >= 0) & (local < tile.shape[1])
+
+
+class _SparseTopKGrad:
+    """The gradient of the top-k log-probs beyond what TRL's kernel forms: +g_i·dz/dy at each i∈S,
+    −(Σ_i g_i)·dz/dy at the label. Gathered from the raw tile before the kernel overwrites it."""
+
+    def __init__(self, tile: torch.Tensor, rows: slice, vocab_start: int, top_idx: torch.Tensor,
+                 targets: torch.Tensor, grad_topk: torch.Tensor, spec: HeadSpec) -> None:
+        columns = torch.cat([top_idx[rows], targets[rows].unsqueeze(1)], dim=1) - vocab_start
+        g = grad_topk[rows].float()
+        values = torch.cat([g, -g.sum(dim=1, keepdim=True)], dim=1)
+        in_tile = (columns >= 0) & (columns < tile.shape[1])
+        self.columns = columns.clamp(0, tile.shape[1] - 1)
+        self.values = torch.where(in_tile, values, 0.0) * spec.dlogit_draw(tile.gather(1, self.columns))
+
+    def add_to(self, grad_tile: torch.Tensor) -> None:
+        grad_tile.scatter_add_(1, self.columns, self.values.to(grad_tile.dtype))
+
+
+class _Grads:
+    """fp32 accumulators of the head's input gradients, fed one gradient tile at a time."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple) -> None:
+        def zeros(t: torch.Tensor | None, need: bool) -> torch.Tensor | None:
+            return torch.zeros(t.shape, device=t.device, dtype=torch.float32) if need and t is not None else None
+
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.g_hidden, self.g_weight, self.g_bias = zeros(hidden, needs[0]), zeros(weight, needs[1]), zeros(bias, needs[2])
+
+    def add(self, grad_tile: torch.Tensor, hidden_chunk: torch.Tensor, rows: slice, start: int, end: int) -> None:
+        if self.g_hidden is not None:
+            addmm_fp32(self.g_hidden[rows], grad_tile, self.weight[start:end].to(grad_tile.dtype))
+        if self.g_weight is not None:
+            addmm_fp32(self.g_weight[start:end], grad_tile.t(), hidden_chunk.to(grad_tile.dtype))
+        if self.g_bias is not None:
+            self.g_bias[start:end] += grad_tile.sum(dim=0, dtype=torch.float32)
+
+    def result(self) -> tuple:
+        def cast(g: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+            return None if g is None else g.to(like.dtype)
+
+        return cast(self.g_hidden, self.hidden), cast(self.g_weight, self.weight), cast(self.g_bias, self.bias)
+
+
+def _combined_label_grad(grad_logprob: torch.Tensor | None, grad_topk: torch.Tensor | None) -> torch.Tensor | None:
+    """G = g_o + Σ_{i∈S} g_i, the weight of TRL's dense −p_j term."""
+    parts = [g.float() for g in (grad_logprob, None if grad_topk is None else grad_topk.sum(dim=1)) if g is not None]
+    return sum(parts).contiguous() if parts else None
+
+
+class _TopKHead(torch.autograd.Function):
+    """Label log-prob, entropy and top-k of the policy; tiles in the compute dtype, as TRL's head."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, spec: HeadSpec, top_k: int, tiling: Tiling):
+        ctx.set_materialize_grads(False)
+        n, device, dtype = hidden.shape[0], hidden.device, compute_dtype(hidden)
+        lse = LogSumExp(n, device)
+        top = RunningTopK(n, top_k, device)
+        with maybe_gather_lm_head_ctx(weight, bias):
+            buf = torch.empty((min(n, tiling.tokens), tiling.vocab), device=device, dtype=dtype)
+            for rows in tiling.rows(n):
+                h = hidden[rows].to(dtype)
+                for start, end in tiling.columns(weight.shape[0]):
+                    tile = _project(buf, h, weight, bias, start, end)
+                    lse.fold(tile, rows, targets[rows], start, spec, entropy=True)
+                    if top_k:
+                        top.merge(tile, rows, start, tiling.block)
+        log_z = lse.log_z()
+        entropy = lse.entropy(log_z)
+        topk_logprobs = spec.transform(top.values) - log_z.unsqueeze(1)
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy, top.indices)
+        ctx.spec, ctx.tiling = spec, tiling
+        ctx.mark_non_differentiable(top.indices, log_z)
+        return lse.target_logit - log_z, entropy, topk_logprobs, top.indices, log_z
+
+    @staticmethod
+    def backward(ctx, grad_logprob, grad_entropy, grad_topk, _indices, _log_z):
+        hidden, weight, bias, targets, log_z, entropy, top_idx = ctx.saved_tensors
+        spec, tiling = ctx.spec, ctx.tiling
+        grad_label = _combined_label_grad(grad_logprob, grad_topk)
+        grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
+        if grad_label is None and grad_entropy is None:
+            return (None,) * 7
+        dtype = compute_dtype(hidden)
+        with maybe_gather_lm_head_ctx(weight, bias):
+            grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
+            buf = torch.empty((min(hidden.shape[0], tiling.tokens), tiling.vocab), device=hidden.device, dtype=dtype)
+            for rows in tiling.rows(hidden.shape[0]):
+                h = hidden[rows].to(dtype)
+                for start, end in tiling.columns(weight.shape[0]):
+                    tile = _project(buf, h, weight, bias, start, end)
+                    sparse = None if grad_topk is None else _SparseTopKGrad(tile, rows, start, top_idx, targets,
+                                                                            grad_topk, spec)
+                    backward_logprob_tile(tile, targets[rows], log_z[rows], entropy[rows],
+                                          None if grad_label is None else grad_label[rows],
+                                          None if grad_entropy is None else grad_entropy[rows], start, spec)
+                    if sparse is not None:
+                        sparse.add_to(tile)
+                    grads.add(tile, h, rows, start, end)
+        return (*grads.result(), None, None, None, None)
+
+
+class _ExactKLHead(torch.autograd.Function):
+    """`_TopKHead`'s outputs plus the exact KL(π_θ‖π_ref), folding a policy tile and a reference
+    tile over the same columns (fp32 tiles, as TRL's chunked divergence)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, spec: HeadSpec,
+                ref_spec: HeadSpec, top_k: int, tiling: Tiling):
+        ctx.set_materialize_grads(False)
+        n, device = hidden.shape[0], hidden.device
+        dtype, ref_dtype = compute_dtype(hidden), compute_dtype(ref_hidden)
+        stats = PairStats(n, device)
+        top = RunningTopK(n, top_k, device)
+        with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
+            s_buf, t_buf = (torch.empty((min(n, tiling.tokens), tiling.vocab), device=device, dtype=torch.float32)
+                            for _ in range(2))
+            for rows in tiling.rows(n):
+                h, h_ref = hidden[rows].to(dtype), ref_hidden[rows].to(ref_dtype)
+                for start, end in tiling.columns(weight.shape[0]):
+                    s_tile, t_tile = s_buf[: h.shape[0], : end - start], t_buf[: h.shape[0], : end - start]
+                    project_fp32(s_tile, h, weight, bias, start, end, dtype)
+                    project_fp32(t_tile, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
+                    stats.fold(s_tile, t_tile, rows, spec, ref_spec)
+                    local, in_tile = _label_targets(targets, rows, start, s_tile)
+                    label = spec.transform(s_tile.gather(1, local.clamp(0, end - start - 1).unsqueeze(1)).squeeze(1))
+                    stats.policy.target_logit[rows] = torch.where(in_tile, label, stats.policy.target_logit[rows])
+                    if top_k:
+                        top.merge(s_tile, rows, start, tiling.block)
+        log_z, ref_log_z = stats.policy.log_z(), stats.ref.log_z()
+        entropy = stats.policy.entropy(log_z)
+        kl = stats.exact_kl(log_z, ref_log_z)
+        topk_logprobs = spec.transform(top.values) - log_z.unsqueeze(1)
+        ctx.save_for_backward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, log_z, entropy,
+                              ref_log_z, kl, top.indices)
+        ctx.specs, ctx.tiling = (spec, ref_spec), tiling
+        ctx.mark_non_differentiable(top.indices, log_z)
+        return stats.policy.target_logit - log_z, entropy, topk_logprobs, top.indices, log_z, kl
+
+    @staticmethod
+    def backward(ctx, grad_logprob, grad_entropy, grad_topk, _indices, _log_z, grad_kl):
+        (hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, log_z, entropy, ref_log_z, kl,
+         top_idx) = ctx.saved_tensors
+        (spec, ref_spec), tiling = ctx.specs, ctx.tiling
+        grad_label = _combined_label_grad(grad_logprob, grad_topk)
+        grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
+        grad_kl = None if grad_kl is None else grad_kl.float().contiguous()
+        has_logprob_terms = grad_label is not None or grad_entropy is not None
+        if not has_logprob_terms and grad_kl is None:
+            return (None,) * 11
+        n, device = hidden.shape[0], hidden.device
+        dtype, ref_dtype = compute_dtype(hidden), compute_dtype(ref_hidden)
+        with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
+            grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
+            s_buf, t_buf, c_buf = (torch.empty((min(n, tiling.tokens), tiling.vocab), device=device,
+                                               dtype=torch.float32) for _ in range(3))
+            for rows in tiling.rows(n):
+                h, h_ref = hidden[rows].to(dtype), ref_hidden[rows].to(ref_dtype)
+                for start, end in tiling.columns(weight.shape[0]):
+                    s_tile = s_buf[: h.shape[0], : end - start]
+                    project_fp32(s_tile, h, weight, bias, start, end, dtype)
+                    sparse = None if grad_topk is None else _SparseTopKGrad(s_tile, rows, start, top_idx, targets,
+                                                                            grad_topk, spec)
+                    # both kernels overwrite their tile with a gradient: the log-prob terms go to a copy
+                    logprob_tile = s_tile
+                    if grad_kl is not None:
+                        if has_logprob_terms:
+                            logprob_tile = c_buf[: h.shape[0], : end - start]
+                            logprob_tile.copy_(s_tile)
+                        t_tile = t_buf[: h.shape[0], : end - start]
+                        project_fp32(t_tile, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
+                        backward_pair_tile(s_tile, t_tile, log_z[rows], ref_log_z[rows], kl[rows], grad_kl[rows],
+                                           spec, ref_spec)
+                    if has_logprob_terms:
+                        backward_logprob_tile(logprob_tile, targets[rows], log_z[rows], entropy[rows],
+                                              None if grad_label is None else grad_label[rows],
+                                              None if grad_entropy is None else grad_entropy[rows], start, spec)
+                        if logprob_tile is not s_tile:
+                            s_tile.add_(logprob_tile)
+                    if sparse is not None:
+                        sparse.add_to(s_tile)
+                    grads.add(s_tile.to(dtype), h, rows, start, end)
+        return (*grads.result(), *(None,) * 8)

@@ -1,0 +1,41 @@
+"""The reference head without gradient: log π_ref at given indices, in one tiled pass.
+
+TIKE needs log q at the policy's top-k set S and at the sampled token: the reference's log-
+normaliser (an online logsumexp over every vocabulary tile) and its logits at those few columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .policy import Tiling, _project
+from .trl_tiles import HeadSpec, LogSumExp, compute_dtype, maybe_gather_lm_head_ctx
+
+
+@torch.no_grad()
+def reference_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    indices: torch.Tensor,
+    spec: HeadSpec = HeadSpec(),
+    tiling: Tiling = Tiling(),
+) -> torch.Tensor:
+    """log softmax(head(hidden))[row, indices[row]] as float32, shape of `indices` ([N, m])."""
+    n, device, dtype = hidden.shape[0], hidden.device, compute_dtype(hidden)
+    if indices.shape[0] != n:
+        raise ValueError(f"indices has {indices.shape[0]} rows, hidden has {n}.")
+    lse = LogSumExp(n, device)
+    raw = torch.zeros(indices.shape, device=device, dtype=torch.float32)
+    with maybe_gather_lm_head_ctx(weight, bias):
+        buf = torch.empty((min(n, tiling.tokens), tiling.vocab), device=device, dtype=dtype)
+        for rows in tiling.rows(n):
+            h = hidden[rows].to(dtype)
+            for start, end in tiling.columns(weight.shape[0]):
+                tile = _project(buf, h, weight, bias, start, end)
+                lse.fold(tile, rows, indices[rows, 0], start, spec, entropy=False)
+                local = indices[rows] - start
+                in_tile = (local >= 0) & (local < end - start)
+                values = tile.gather(1, local.clamp(0, end - start - 1)).float()
+                raw[rows] = torch.where(in_tile, values, raw[rows])
+    return spec.transform(raw) - lse.log_z().unsqueeze(1)
