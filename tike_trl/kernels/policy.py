@@ -104,14 +104,30 @@ def policy_head(
     return HeadOutputs(*outputs)
 
 
+# A -inf bias (a masked, never-sampled head row) becomes this raw logit: exp() of it is exactly 0
+# in fp32, as for -inf, but 0·logit stays 0 where TRL's folds would form 0·(-inf) = NaN.
+MASKED_LOGIT = -1.0e4
+
+
+def add_bias(tile: torch.Tensor, bias: torch.Tensor | None, start: int, end: int) -> None:
+    if bias is not None:
+        tile.add_(bias[start:end].to(tile.dtype).clamp(min=MASKED_LOGIT))
+
+
 def _project(buf: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, start: int,
              end: int) -> torch.Tensor:
     """hidden @ weight[start:end].T (+ bias) into a view of `buf`, in `buf`'s dtype, like TRL's head."""
     tile = buf[: hidden.shape[0], : end - start]
     torch.mm(hidden, weight[start:end].to(buf.dtype).t(), out=tile)
-    if bias is not None:
-        tile.add_(bias[start:end].to(buf.dtype))
+    add_bias(tile, bias, start, end)
     return tile
+
+
+def _project_fp32(tile: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  start: int, end: int, dtype: torch.dtype) -> None:
+    """The same into an fp32 tile without rounding the product to `dtype` (TRL's divergence projection)."""
+    project_fp32(tile, hidden, weight, None, start, end, dtype)
+    add_bias(tile, bias, start, end)
 
 
 def _label_targets(targets: torch.Tensor, rows: slice, vocab_start: int, tile: torch.Tensor):
@@ -239,8 +255,8 @@ class _ExactKLHead(torch.autograd.Function):
                 h, h_ref = hidden[rows].to(dtype), ref_hidden[rows].to(ref_dtype)
                 for start, end in tiling.columns(weight.shape[0]):
                     s_tile, t_tile = s_buf[: h.shape[0], : end - start], t_buf[: h.shape[0], : end - start]
-                    project_fp32(s_tile, h, weight, bias, start, end, dtype)
-                    project_fp32(t_tile, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
+                    _project_fp32(s_tile, h, weight, bias, start, end, dtype)
+                    _project_fp32(t_tile, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
                     stats.fold(s_tile, t_tile, rows, spec, ref_spec)
                     local, in_tile = _label_targets(targets, rows, start, s_tile)
                     label = spec.transform(s_tile.gather(1, local.clamp(0, end - start - 1).unsqueeze(1)).squeeze(1))
@@ -278,7 +294,7 @@ class _ExactKLHead(torch.autograd.Function):
                 h, h_ref = hidden[rows].to(dtype), ref_hidden[rows].to(ref_dtype)
                 for start, end in tiling.columns(weight.shape[0]):
                     s_tile = s_buf[: h.shape[0], : end - start]
-                    project_fp32(s_tile, h, weight, bias, start, end, dtype)
+                    _project_fp32(s_tile, h, weight, bias, start, end, dtype)
                     sparse = None if grad_topk is None else _SparseTopKGrad(s_tile, rows, start, top_idx, targets,
                                                                             grad_topk, spec)
                     # both kernels overwrite their tile with a gradient: the log-prob terms go to a copy
@@ -288,7 +304,7 @@ class _ExactKLHead(torch.autograd.Function):
                             logprob_tile = c_buf[: h.shape[0], : end - start]
                             logprob_tile.copy_(s_tile)
                         t_tile = t_buf[: h.shape[0], : end - start]
-                        project_fp32(t_tile, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
+                        _project_fp32(t_tile, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
                         backward_pair_tile(s_tile, t_tile, log_z[rows], ref_log_z[rows], kl[rows], grad_kl[rows],
                                            spec, ref_spec)
                     if has_logprob_terms:

@@ -1,0 +1,243 @@
+"""The tiled heads against the dense formulas (`tike_trl.estimators`), values and gradients.
+
+Small tiles (16 tokens x 64 columns, top-k blocks of 8 columns) so that every test crosses token
+and vocabulary tile boundaries, including ragged last tiles. On a CUDA machine the same tests
+run there too (TRL's Triton folds); without CUDA those cases skip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tike_trl.estimators import exact_kl, importance_ratio, kl_estimate, truncated_kl
+from tike_trl.kernels import HeadSpec, RefHead, Tiling, policy_head, reference_logprobs
+from tike_trl.kernels.topk import tile_topk
+
+TILING = Tiling(tokens=16, vocab=64, block=8)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+SPECS = [HeadSpec(), HeadSpec(temperature=0.7, logit_scale=1.3, softcap=5.0)]
+
+
+def make_head(n=37, d=12, vocab=203, dtype=torch.float32, device="cpu", seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(vocab, d, generator=g) / d**0.25
+    b = torch.randn(vocab, generator=g) if bias else None
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    tensors = [t.to(device=device, dtype=dtype).requires_grad_() for t in (hidden, weight)]
+    b = None if b is None else b.to(device=device, dtype=dtype).requires_grad_()
+    return tensors[0], tensors[1], b, targets.to(device)
+
+
+def dense_logits(hidden, weight, bias, spec, dtype=None):
+    """The head's logits as the kernel computes them: projection in the inputs' dtype, then fp32."""
+    y = hidden @ weight.t()
+    if bias is not None:
+        y = y + bias
+    y = y.float()
+    if spec.softcap is not None:
+        y = spec.softcap * torch.tanh(y * spec.logit_scale / spec.softcap)
+    else:
+        y = y * spec.logit_scale
+    return y / spec.temperature
+
+
+def assert_valid_topk(indices, logits, k):
+    """Each row's indices are k distinct columns, none below any column left out."""
+    assert indices.shape[-1] == k
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all(), "duplicate indices"
+    chosen = logits.gather(-1, indices)
+    left_out = logits.scatter(-1, indices, float("-inf"))
+    assert (chosen.min(-1).values >= left_out.max(-1).values).all()
+
+
+def grads(outputs, inputs):
+    return torch.autograd.grad(outputs, [x for x in inputs if x is not None], allow_unused=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", SPECS, ids=["plain", "scale-softcap-temp"])
+@pytest.mark.parametrize("k", [1, 16, 150])
+def test_policy_head_fp32(device, spec, k):
+    hidden, weight, bias, targets = make_head(device=device)
+    out = policy_head(hidden, weight, bias, targets, spec, top_k=k, tiling=TILING)
+    logp = F.log_softmax(dense_logits(hidden, weight, bias, spec), -1)
+    torch.testing.assert_close(out.logprob, logp.gather(1, targets[:, None]).squeeze(1), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.entropy, -(logp.exp() * logp).sum(-1), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.topk_logprobs.sort(-1).values, logp.topk(k).values.sort(-1).values, atol=2e-5,
+                               rtol=1e-5)
+    assert_valid_topk(out.topk_indices, logp, k)
+    torch.testing.assert_close(out.topk_logprobs, logp.gather(1, out.topk_indices), atol=2e-5, rtol=1e-5)
+
+    g = torch.Generator().manual_seed(1)
+    g_o, g_h, g_s = (torch.randn(s, generator=g).to(device) for s in [(37,), (37,), (37, k)])
+    loss = (out.logprob * g_o).sum() + (out.entropy * g_h).sum() + (out.topk_logprobs * g_s).sum()
+    dense = ((logp.gather(1, targets[:, None]).squeeze(1) * g_o).sum() - ((logp.exp() * logp).sum(-1) * g_h).sum()
+             + (logp.gather(1, out.topk_indices) * g_s).sum())
+    for a, b in zip(grads(loss, (hidden, weight, bias)), grads(dense, (hidden, weight, bias))):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_policy_head_k1024_full_tile_select(device):
+    hidden, weight, bias, targets = make_head(n=21, vocab=1500, device=device)
+    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=1024, tiling=Tiling(tokens=16, vocab=256))
+    logp = F.log_softmax(dense_logits(hidden, weight, bias, HeadSpec()), -1)
+    assert_valid_topk(out.topk_indices, logp, 1024)
+    torch.testing.assert_close(out.topk_logprobs, logp.gather(1, out.topk_indices), atol=2e-5, rtol=1e-5)
+    g_s = torch.randn(21, 1024, generator=torch.Generator().manual_seed(2)).to(device)
+    a = grads((out.topk_logprobs * g_s).sum(), (hidden, weight))
+    b = grads((logp.gather(1, out.topk_indices) * g_s).sum(), (hidden, weight))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 16])
+def test_policy_head_bf16(device, k):
+    """bf16 inputs: the tiles are bf16 like TRL's, the statistics fp32. The top-k set is a top-k
+    of the bf16-rounded logits the head computes (the same values its log-probs come from)."""
+    hidden, weight, bias, targets = make_head(dtype=torch.bfloat16, device=device)
+    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=k, tiling=TILING)
+    rounded = dense_logits(hidden, weight, bias, HeadSpec())  # bf16 projection, then fp32
+    logp = F.log_softmax(rounded, -1)
+    torch.testing.assert_close(out.logprob, logp.gather(1, targets[:, None]).squeeze(1), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(out.topk_logprobs.sort(-1).values, logp.topk(k).values.sort(-1).values, atol=2e-2,
+                               rtol=1e-2)
+    # against the fp32 oracle of the same weights, gradients agree to bf16 precision
+    h32, w32, b32 = (x.detach().float().requires_grad_() for x in (hidden, weight, bias))
+    logp32 = F.log_softmax(dense_logits(h32, w32, b32, HeadSpec()), -1)
+    g_s = torch.randn(37, k, generator=torch.Generator().manual_seed(3)).to(device)
+    a = grads((out.topk_logprobs * g_s).sum() + out.logprob.sum(), (hidden, weight))
+    b = grads((logp32.gather(1, out.topk_indices) * g_s).sum() + logp32.gather(1, targets[:, None]).sum(),
+              (h32, w32))
+    for x, y in zip(a, b):
+        assert x.dtype == torch.bfloat16
+        torch.testing.assert_close(x.float(), y, atol=5e-2, rtol=5e-2)
+
+
+def test_ties_give_a_valid_top_k_set():
+    # duplicated head rows: many exactly tied logits, across blocks and tiles
+    hidden, weight, bias, targets = make_head(vocab=200, bias=False)
+    with torch.no_grad():
+        weight[100:] = weight[:100]
+    out = policy_head(hidden, weight, None, targets, HeadSpec(), top_k=16, tiling=TILING)
+    logits = dense_logits(hidden, weight, None, HeadSpec())
+    assert_valid_topk(out.topk_indices, logits, 16)
+
+
+def test_tile_topk_block_select_matches_full_topk_values():
+    g = torch.Generator().manual_seed(4)
+    tile = torch.randn(9, 1000, generator=g).round(decimals=1)  # many ties
+    for k in (1, 3, 16, 60):
+        values, columns = tile_topk(tile, k, block=8)
+        torch.testing.assert_close(values, tile.topk(k).values)
+        assert_valid_topk(columns, tile, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_minus_inf_logits_padded_vocabulary(device):
+    """Rows of the head that can never be sampled (bias -inf, as a masked padded vocabulary):
+    no mass, never in the top-k, finite gradients, identical to the dense formulas."""
+    hidden, weight, bias, targets = make_head(device=device)
+    with torch.no_grad():
+        bias[180:] = float("-inf")
+    targets = targets % 180
+    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=16, tiling=TILING)
+    logp = F.log_softmax(dense_logits(hidden, weight, bias, HeadSpec()), -1)
+    assert (out.topk_indices < 180).all()
+    torch.testing.assert_close(out.logprob, logp.gather(1, targets[:, None]).squeeze(1), atol=2e-5, rtol=1e-5)
+    entropy = -torch.where(logp.isinf(), 0, logp.exp() * logp).sum(-1)
+    torch.testing.assert_close(out.entropy, entropy, atol=2e-5, rtol=1e-5)
+    loss = out.logprob.sum() + out.entropy.sum() + out.topk_logprobs.sum()
+    for g in grads(loss, (hidden, weight, bias)):
+        assert torch.isfinite(g).all()
+
+
+def test_empty_input_all_masked_micro_batch():
+    hidden, weight, bias, targets = make_head(n=0)
+    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=4, tiling=TILING)
+    assert out.logprob.shape == (0,) and out.topk_indices.shape == (0, 4)
+    g = grads(out.logprob.sum() + out.topk_logprobs.sum(), (hidden, weight))
+    assert g[0].shape == (0, 12) and torch.count_nonzero(g[1]) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", SPECS, ids=["plain", "scale-softcap-temp"])
+def test_reference_logprobs(device, spec):
+    hidden, weight, bias, targets = make_head(device=device, seed=5)
+    indices = torch.randint(0, 203, (37, 5), generator=torch.Generator().manual_seed(6)).to(device)
+    got = reference_logprobs(hidden, weight, bias, indices, spec, TILING)
+    want = F.log_softmax(dense_logits(hidden, weight, bias, spec), -1).gather(1, indices)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert not got.requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spec", SPECS, ids=["plain", "scale-softcap-temp"])
+def test_exact_kl_head(device, dtype, spec):
+    hidden, weight, bias, targets = make_head(device=device, dtype=dtype)
+    ref_h, ref_w, ref_b, _ = make_head(device=device, dtype=dtype, seed=7)
+    ref = RefHead(ref_h.detach(), ref_w.detach(), ref_b.detach(), spec)
+    out = policy_head(hidden, weight, bias, targets, spec, top_k=4, ref=ref, tiling=TILING)
+    # the exact head projects in fp32 (as TRL's chunked divergence), so compare with fp32 math
+    h32, w32, b32 = (x.detach().float().requires_grad_() for x in (hidden, weight, bias))
+    logp = F.log_softmax(dense_logits(h32, w32, b32, spec), -1)
+    logq = F.log_softmax(dense_logits(ref_h.float(), ref_w.float(), ref_b.float(), spec), -1)
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.exact_kl, exact_kl(logp, logq), **tol)
+    torch.testing.assert_close(out.logprob, logp.gather(1, targets[:, None]).squeeze(1), **tol)
+    torch.testing.assert_close(out.topk_logprobs, logp.gather(1, out.topk_indices), **tol)
+    g = torch.Generator().manual_seed(8)
+    g_d, g_o, g_h = (torch.randn(37, generator=g).to(device) for _ in range(3))
+    loss = (out.exact_kl * g_d).sum() + (out.logprob * g_o).sum() + (out.entropy * g_h).sum()
+    dense = ((exact_kl(logp, logq) * g_d).sum() + (logp.gather(1, targets[:, None]).squeeze(1) * g_o).sum()
+             - ((logp.exp() * logp).sum(-1) * g_h).sum())
+    for a, b in zip(grads(loss, (hidden, weight, bias)), grads(dense, (h32, w32, b32))):
+        torch.testing.assert_close(a.float(), b, **({"atol": 5e-5, "rtol": 1e-4} if dtype == torch.float32 else
+                                                    {"atol": 5e-2, "rtol": 5e-2}))
+
+
+def test_exact_kl_head_only_kl_gradient():
+    hidden, weight, bias, targets = make_head()
+    ref_h, ref_w, _, _ = make_head(seed=9)
+    out = policy_head(hidden, weight, bias, targets, HeadSpec(), ref=RefHead(ref_h.detach(), ref_w.detach()),
+                      tiling=TILING)
+    logp = F.log_softmax(dense_logits(hidden, weight, bias, HeadSpec()), -1)
+    logq = F.log_softmax(dense_logits(ref_h, ref_w, None, HeadSpec()), -1).detach()
+    for a, b in zip(grads(out.exact_kl.sum(), (hidden, weight, bias)), grads(exact_kl(logp, logq).sum(),
+                                                                                (hidden, weight, bias))):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tail", ["sampled", "drop", "mc"])
+def test_kernel_pipeline_equals_kl_estimate(tail):
+    """Policy head + reference log-probs + `truncated_kl` (the trainer's path) against
+    `kl_estimate` on the dense logits, value and gradient, off-policy."""
+    hidden, weight, bias, targets = make_head()
+    ref_h, ref_w, ref_b, _ = make_head(seed=10)
+    old_logp = torch.randn(37, generator=torch.Generator().manual_seed(11)).clamp(max=0) - 2.0
+    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=5, tiling=TILING)
+    logq = reference_logprobs(ref_h, ref_w, ref_b, torch.cat([out.topk_indices, targets[:, None]], 1),
+                              tiling=TILING)
+    ours = truncated_kl(out.topk_logprobs, logq[:, :-1], out.logprob, logq[:, -1],
+                        (out.topk_indices == targets[:, None]).any(-1), importance_ratio(out.logprob, old_logp), tail)
+    dense = kl_estimate(dense_logits(hidden, weight, bias, HeadSpec()), dense_logits(ref_h, ref_w, ref_b, HeadSpec()),
+                        targets, "tike", top_k=5, tail=tail, old_logprobs=old_logp)
+    torch.testing.assert_close(ours, dense, atol=2e-5, rtol=1e-5)
+    for a, b in zip(grads(ours.sum(), (hidden, weight, bias)), grads(dense.sum(), (hidden, weight, bias))):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+def test_head_rejects_bad_shapes():
+    hidden, weight, bias, targets = make_head()
+    with pytest.raises(ValueError, match="top_k=300 is larger"):
+        policy_head(hidden, weight, bias, targets, top_k=300)
+    with pytest.raises(ValueError, match="does not match"):
+        policy_head(hidden, weight, bias, targets, ref=RefHead(hidden[:3].detach(), weight.detach()))
+    with pytest.raises(ValueError, match="temperature"):
+        HeadSpec(temperature=0.0)

@@ -1,0 +1,82 @@
+"""`TIKEConfig`: TRL's `GRPOConfig` plus the KL estimator switch."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig
+
+from .estimators import ESTIMATORS, TAILS, check_choice, check_top_k
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+@dataclass
+class TIKEConfig(GRPOConfig):
+    r"""
+    Configuration for [`TIKEGRPOTrainer`]: every `GRPOConfig` field, plus the KL estimator.
+
+    `beta` defaults to 1e-3 (the TIKE paper's setting) instead of TRL's 0.0, which switches the
+    KL term off, and an unset `bf16` means fp32 on a machine without CUDA/XPU (TRL would pick bf16
+    and refuse to start). The new fields are exposed by `TrlParser` as command-line flags and
+    YAML keys.
+
+    Parameters:
+        kl_estimator (`str`, defaults to `"tike"`):
+            Per-token KL(π_θ‖π_ref) estimator: `"k1"`, `"k2"`, `"k3"` (TRL's), `"rb"` (exact,
+            full vocabulary) or `"tike"` (exact over the policy's top-k).
+        tike_top_k (`int`, defaults to `16`):
+            Size k of the top-k set for `kl_estimator="tike"`.
+        tike_tail (`str`, defaults to `"sampled"`):
+            What TIKE does beyond the top-k: `"sampled"` adds the sampled token to the set
+            (paper §4.3), `"drop"` ignores the tail (paper Eq. 6), `"mc"` adds an importance-
+            weighted estimate of the tail from the sampled token (unbiased in value and gradient).
+        tike_importance_weight (`bool`, defaults to `True`):
+            Multiply by the stop-gradient ratio π_θ(o_t)/π_old(o_t) (paper Eq. 5-6; for `"mc"`,
+            the tail term's weight).
+    """
+
+    beta: float = field(
+        default=1e-3,
+        metadata={"help": "KL coefficient. tike-trl defaults to 1e-3 (the TIKE paper); 0.0 switches the KL term off."},
+    )
+    kl_estimator: str = field(
+        default="tike",
+        metadata={
+            "help": "Per-token KL estimator: 'k1', 'k2', 'k3' (TRL's), 'rb' (exact over the full vocabulary) or "
+            "'tike' (exact over the policy's top-k tokens).",
+            "choices": list(ESTIMATORS),
+        },
+    )
+    tike_top_k: int = field(default=16, metadata={"help": "Number k of top tokens TIKE sums over exactly."})
+    tike_tail: str = field(
+        default="sampled",
+        metadata={
+            "help": "TIKE beyond the top-k: 'sampled' adds the sampled token to the set (paper §4.3), 'drop' ignores "
+            "the tail (paper Eq. 6), 'mc' adds an importance-weighted one-sample estimate of the tail (unbiased).",
+            "choices": list(TAILS),
+        },
+    )
+    tike_importance_weight: bool = field(
+        default=True,
+        metadata={"help": "Weight TIKE by the stop-gradient ratio π_θ(o_t)/π_old(o_t) (paper Eq. 5-6)."},
+    )
+
+    def __post_init__(self) -> None:
+        check_choice("kl_estimator", self.kl_estimator, ESTIMATORS)
+        check_top_k(self.tike_top_k)
+        check_choice("tike_tail", self.tike_tail, TAILS)
+        if self.bf16 is None and not self.fp16 and not _has_accelerator():
+            self.bf16 = False  # TRL would default to bf16 and fail on a CPU-only machine
+        super().__post_init__()
+        if self.beta == 0.0:
+            warnings.warn(
+                f"beta=0.0 switches the KL term off: kl_estimator={self.kl_estimator!r} has no effect and no "
+                "reference model is loaded. The TIKE paper uses beta=1e-3.",
+                UserWarning,
+                stacklevel=3,
+            )
