@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
-from .estimators import ESTIMATORS, TAILS, check_choice, check_top_k
+from .estimators import CLIP_MODES, ESTIMATORS, TAILS, check_choice, check_top_k
 
 
 def _has_accelerator() -> bool:
@@ -38,6 +38,13 @@ class TIKEConfig(GRPOConfig):
         tike_importance_weight (`bool`, defaults to `True`):
             Multiply by the stop-gradient ratio π_θ(o_t)/π_old(o_t) (paper Eq. 5-6; for `"mc"`,
             the tail term's weight).
+        tike_is_clip (`float` or `None`, defaults to `3.0`):
+            Upper bound on that ratio, so a stale or mismatched rollout cannot blow the loss up
+            (TRL bounds its vLLM ratios at 3.0 too). `None` leaves it unbounded, as in the paper.
+            With `num_iterations=1` the ratio is exactly 1 and the bound never acts.
+        tike_is_clip_mode (`str`, defaults to `"truncate"`):
+            `"truncate"` caps the ratio at `tike_is_clip`; `"mask"` drops the KL term of a token
+            whose ratio exceeds it.
     """
 
     beta: float = field(
@@ -65,11 +72,24 @@ class TIKEConfig(GRPOConfig):
         default=True,
         metadata={"help": "Weight TIKE by the stop-gradient ratio π_θ(o_t)/π_old(o_t) (paper Eq. 5-6)."},
     )
+    tike_is_clip: float | None = field(
+        default=3.0,
+        metadata={"help": "Upper bound on TIKE's importance ratio, so a stale rollout cannot blow the loss up; "
+                  "None: unbounded, as in the paper."},
+    )
+    tike_is_clip_mode: str = field(
+        default="truncate",
+        metadata={"help": "'truncate' caps the ratio at tike_is_clip; 'mask' drops the KL term of a token whose "
+                  "ratio exceeds it.", "choices": list(CLIP_MODES)},
+    )
 
     def __post_init__(self) -> None:
         check_choice("kl_estimator", self.kl_estimator, ESTIMATORS)
         check_top_k(self.tike_top_k)
         check_choice("tike_tail", self.tike_tail, TAILS)
+        check_choice("tike_is_clip_mode", self.tike_is_clip_mode, CLIP_MODES)
+        if self.tike_is_clip is not None and not (isinstance(self.tike_is_clip, (int, float)) and self.tike_is_clip > 0):
+            raise ValueError(f"tike_is_clip={self.tike_is_clip!r} must be a number > 0, or None for no bound.")
         if self.bf16 is None and not self.fp16 and not _has_accelerator():
             self.bf16 = False  # TRL would default to bf16 and fail on a CPU-only machine
         super().__post_init__()

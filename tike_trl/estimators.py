@@ -64,17 +64,27 @@ def sampled_token_kl(logp_o: torch.Tensor, logq_o: torch.Tensor, estimator: str)
     return torch.exp(log_ref_ratio) - log_ref_ratio - 1
 
 
+CLIP_MODES = ("truncate", "mask")
+
+
 def importance_ratio(
-    logp_o: torch.Tensor, old_logp_o: torch.Tensor | None, clip: float | None = None
+    logp_o: torch.Tensor, old_logp_o: torch.Tensor | None, clip: float | None = None, clip_mode: str = "truncate"
 ) -> torch.Tensor:
     """sg(r) = sg(p(o) / π_old(o)); 1 when `old_logp_o` is None (on-policy).
 
-    `clip` caps r from above, so a stale rollout (π_old(o) ≈ 0) cannot blow the loss up.
+    `clip` bounds r from above so a stale or mismatched rollout (π_old(o) ≈ 0) cannot blow the
+    loss up: ``"truncate"`` caps r at `clip`, ``"mask"`` sets r to 0 where it exceeds `clip` (that
+    token's KL term is dropped), as TRL's `vllm_importance_sampling_mode` does for its ratios.
     """
+    check_choice("tike_is_clip_mode", clip_mode, CLIP_MODES)
     if old_logp_o is None:
         return torch.ones_like(logp_o).detach()
     ratio = torch.exp(logp_o.detach() - old_logp_o.detach())
-    return ratio.clamp(max=clip) if clip is not None else ratio
+    if clip is None:
+        return ratio
+    if clip_mode == "truncate":
+        return ratio.clamp(max=clip)
+    return torch.where(ratio > clip, torch.zeros_like(ratio), ratio)
 
 
 def truncated_kl(
@@ -124,13 +134,16 @@ def kl_estimate(
     tail: str = "sampled",
     importance_weight: bool = True,
     old_logprobs: torch.Tensor | None = None,
+    is_clip: float | None = None,
+    is_clip_mode: str = "truncate",
 ) -> torch.Tensor:
     """Per-token KL(π_θ‖π_ref) estimate from full logits, shape ``policy_logits.shape[:-1]``.
 
     Its autograd gradient with respect to ``policy_logits`` is the gradient the estimator
     prescribes (DESIGN §2; for ``tail="mc"`` the surrogate's). Logits are unnormalised and
     may hold −inf; the math runs in float32 (float64 inputs stay float64). ``old_logprobs`` is log π_old(o_t), shaped like
-    ``sampled_ids``; None means on-policy (r = 1). k3 is the plain form, without TRL's ratio.
+    ``sampled_ids``; None means on-policy (r = 1). `is_clip` bounds r (see `importance_ratio`).
+    k3 is the plain form, without TRL's ratio.
     """
     check_choice("kl_estimator", estimator, ESTIMATORS)
     check_choice("tike_tail", tail, TAILS)
@@ -161,7 +174,7 @@ def kl_estimate(
     if estimator == "rb":
         return exact_kl(logp, logq)
     top = logp.detach().topk(top_k, dim=-1).indices
-    ratio = importance_ratio(logp_o, old_logprobs if importance_weight else None)
+    ratio = importance_ratio(logp_o, old_logprobs if importance_weight else None, is_clip, is_clip_mode)
     return truncated_kl(
         logp.gather(-1, top), logq.gather(-1, top), logp_o, logq_o, (top == ids).any(-1), ratio, tail
     )

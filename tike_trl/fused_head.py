@@ -68,6 +68,7 @@ class TIKEHead:
     refs: list[RefHead]
     top_k: int
     exact_kl: bool
+    top_k_vocab: int | None = None
     results: list[tuple[HeadOutputs, torch.Tensor | None]] = field(default_factory=list)
 
     def apply(self, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
@@ -77,7 +78,7 @@ class TIKEHead:
             raise RuntimeError("More policy head calls than captured reference heads: the forwards are misaligned.")
         ref = self.refs[len(self.results)]
         out = policy_head(hidden, weight, bias, targets, _spec(temperature, softcap, logit_scale), self.top_k,
-                          ref if self.exact_kl else None, Tiling(vocab=chunk_size))
+                          ref if self.exact_kl else None, Tiling(vocab=chunk_size), self.top_k_vocab)
         ref_logprobs = None
         if self.top_k:
             indices = torch.cat([out.topk_indices, targets.unsqueeze(1)], dim=1)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,21 @@ class KLTerms:
 
     kl: torch.Tensor
     topk_mass: torch.Tensor | None = None
+
+
+def _checked_rollout(rollout_func: Callable) -> Callable:
+    """A user's `rollout_func` whose empty completions get a clear error (TRL indexes `ids[-1]`)."""
+
+    @functools.wraps(rollout_func)
+    def rollout(prompts, trainer):
+        output = rollout_func(prompts, trainer)
+        empty = [i for i, ids in enumerate(output.get("completion_ids", [])) if len(ids) == 0]
+        if empty:
+            raise ValueError(f"rollout_func returned empty completion_ids for rows {empty[:8]}: a completion needs at "
+                             "least one token (an immediately finished one is [eos_token_id]).")
+        return output
+
+    return rollout
 
 
 class TIKEGRPOTrainer(GRPOTrainer):
@@ -57,10 +73,16 @@ class TIKEGRPOTrainer(GRPOTrainer):
                             "GRPOConfig for `from tike_trl import TIKEConfig`.")
         self._kl_request: dict | None = None
         self._kl_terms: KLTerms | None = None
+        if kwargs.get("rollout_func") is not None:
+            kwargs["rollout_func"] = _checked_rollout(kwargs["rollout_func"])
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        weight = self.model.get_output_embeddings().weight
+        head_rows = getattr(weight, "ds_shape", weight.shape)[0]
+        # a head padded beyond the tokenizer (e.g. 151,936 rows, 151,665 tokens): its extra rows
+        # are never sampled, so they are never put in the top-k set either
+        self._top_k_vocab = len(self._tokenizer) if len(self._tokenizer) < head_rows else None
         if self.beta != 0.0 and args.kl_estimator == "tike":
-            weight = self.model.get_output_embeddings().weight
-            check_top_k(args.tike_top_k, getattr(weight, "ds_shape", weight.shape)[0])
+            check_top_k(args.tike_top_k, min(head_rows, len(self._tokenizer)))
 
     # ---- TRL's KL term, switched off while TRL computes the rest ----
 
@@ -114,7 +136,7 @@ class TIKEGRPOTrainer(GRPOTrainer):
             return logps, entropies, aux
         refs = self._reference_heads(input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
         head = TIKEHead(refs, top_k=self.args.tike_top_k if self.args.kl_estimator == "tike" else 0,
-                        exact_kl=self.args.kl_estimator == "rb")
+                        exact_kl=self.args.kl_estimator == "rb", top_k_vocab=self._top_k_vocab)
         with replace_head_kernel(head):
             logps, entropies, aux = forward(model, input_ids, attention_mask, logits_to_keep, batch_size,
                                             compute_entropy, **kwargs)
@@ -170,9 +192,9 @@ class TIKEGRPOTrainer(GRPOTrainer):
         ref_logps = laid_out(lambda r: r[1])
         sampled = inputs["completion_ids"]
         old = inputs.get("old_per_token_logps") if self.args.tike_importance_weight else None
+        ratio = importance_ratio(logps, old, self.args.tike_is_clip, self.args.tike_is_clip_mode)
         kl = truncated_kl(topk_logps, ref_logps[..., :-1], logps, ref_logps[..., -1],
-                          (topk_ids == sampled.unsqueeze(-1)).any(-1), importance_ratio(logps, old),
-                          self.args.tike_tail)
+                          (topk_ids == sampled.unsqueeze(-1)).any(-1), ratio, self.args.tike_tail)
         return KLTerms(kl, topk_logps.detach().exp().sum(-1))
 
     # ---- TRL's loss aggregation and metric reduction ----

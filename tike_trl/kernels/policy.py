@@ -83,14 +83,20 @@ def policy_head(
     top_k: int = 0,
     ref: RefHead | None = None,
     tiling: Tiling = Tiling(),
+    top_k_vocab: int | None = None,
 ) -> HeadOutputs:
-    """One tiled pass over the policy head; see the module docstring. `top_k=0` skips the top-k."""
-    if top_k > weight.shape[0]:
-        raise ValueError(f"top_k={top_k} is larger than the head's {weight.shape[0]} rows.")
+    """One tiled pass over the policy head; see the module docstring. `top_k=0` skips the top-k.
+
+    `top_k_vocab` restricts the top-k to the first rows of the head (the tokenizer's tokens):
+    a head padded beyond them (e.g. 151,936 rows for 151,665 tokens) never puts a padding row in S.
+    """
+    choosable = weight.shape[0] if top_k_vocab is None else min(top_k_vocab, weight.shape[0])
+    if top_k > choosable:
+        raise ValueError(f"top_k={top_k} is larger than the {choosable} head rows it may choose from.")
     if tiling.vocab % tiling.block:
         raise ValueError(f"The vocabulary tile ({tiling.vocab}) must be a multiple of the top-k block ({tiling.block}).")
     if ref is None:
-        outputs = _TopKHead.apply(hidden, weight, bias, targets, spec, top_k, tiling)
+        outputs = _TopKHead.apply(hidden, weight, bias, targets, spec, top_k, tiling, top_k_vocab)
         return HeadOutputs(*outputs)
     if ref.spec.temperature != spec.temperature:
         raise ValueError("The policy and the reference head must use the same temperature.")
@@ -100,7 +106,8 @@ def policy_head(
             f"policy's ({hidden.shape[0]} rows, vocabulary {weight.shape[0]})."
         )
     outputs = _ExactKLHead.apply(hidden, weight, bias, targets, ref.hidden.detach(), ref.weight.detach(),
-                                 None if ref.bias is None else ref.bias.detach(), spec, ref.spec, top_k, tiling)
+                                 None if ref.bias is None else ref.bias.detach(), spec, ref.spec, top_k, tiling,
+                                 top_k_vocab)
     return HeadOutputs(*outputs)
 
 
@@ -187,11 +194,12 @@ class _TopKHead(torch.autograd.Function):
     """Label log-prob, entropy and top-k of the policy; tiles in the compute dtype, as TRL's head."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, spec: HeadSpec, top_k: int, tiling: Tiling):
+    def forward(ctx, hidden, weight, bias, targets, spec: HeadSpec, top_k: int, tiling: Tiling,
+                top_k_vocab: int | None):
         ctx.set_materialize_grads(False)
         n, device, dtype = hidden.shape[0], hidden.device, compute_dtype(hidden)
         lse = LogSumExp(n, device)
-        top = RunningTopK(n, top_k, device)
+        top = RunningTopK(n, top_k, device, top_k_vocab)
         with maybe_gather_lm_head_ctx(weight, bias):
             buf = torch.empty((min(n, tiling.tokens), tiling.vocab), device=device, dtype=dtype)
             for rows in tiling.rows(n):
@@ -216,7 +224,7 @@ class _TopKHead(torch.autograd.Function):
         grad_label = _combined_label_grad(grad_logprob, grad_topk)
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
         if grad_label is None and grad_entropy is None:
-            return (None,) * 7
+            return (None,) * 8
         dtype = compute_dtype(hidden)
         with maybe_gather_lm_head_ctx(weight, bias):
             grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
@@ -233,7 +241,7 @@ class _TopKHead(torch.autograd.Function):
                     if sparse is not None:
                         sparse.add_to(tile)
                     grads.add(tile, h, rows, start, end)
-        return (*grads.result(), None, None, None, None)
+        return (*grads.result(), None, None, None, None, None)
 
 
 class _ExactKLHead(torch.autograd.Function):
@@ -242,12 +250,12 @@ class _ExactKLHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, spec: HeadSpec,
-                ref_spec: HeadSpec, top_k: int, tiling: Tiling):
+                ref_spec: HeadSpec, top_k: int, tiling: Tiling, top_k_vocab: int | None):
         ctx.set_materialize_grads(False)
         n, device = hidden.shape[0], hidden.device
         dtype, ref_dtype = compute_dtype(hidden), compute_dtype(ref_hidden)
         stats = PairStats(n, device)
-        top = RunningTopK(n, top_k, device)
+        top = RunningTopK(n, top_k, device, top_k_vocab)
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
             s_buf, t_buf = (torch.empty((min(n, tiling.tokens), tiling.vocab), device=device, dtype=torch.float32)
                             for _ in range(2))
@@ -283,7 +291,7 @@ class _ExactKLHead(torch.autograd.Function):
         grad_kl = None if grad_kl is None else grad_kl.float().contiguous()
         has_logprob_terms = grad_label is not None or grad_entropy is not None
         if not has_logprob_terms and grad_kl is None:
-            return (None,) * 11
+            return (None,) * 12
         n, device = hidden.shape[0], hidden.device
         dtype, ref_dtype = compute_dtype(hidden), compute_dtype(ref_hidden)
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
@@ -316,4 +324,4 @@ class _ExactKLHead(torch.autograd.Function):
                     if sparse is not None:
                         sparse.add_to(s_tile)
                     grads.add(s_tile.to(dtype), h, rows, start, end)
-        return (*grads.result(), *(None,) * 8)
+        return (*grads.result(), *(None,) * 9)

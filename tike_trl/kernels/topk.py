@@ -34,14 +34,19 @@ def tile_topk(tile: torch.Tensor, k: int, block: int = BLOCK) -> tuple[torch.Ten
 
 
 class RunningTopK:
-    """The top-k (raw projection value, vocabulary index) pairs of N rows seen so far."""
+    """The top-k (raw projection value, vocabulary index) pairs of N rows seen so far, among the
+    first `vocab_limit` columns (a padded head's extra rows are never chosen)."""
 
-    def __init__(self, n: int, k: int, device: torch.device) -> None:
-        self.k = k
+    def __init__(self, n: int, k: int, device: torch.device, vocab_limit: int | None = None) -> None:
+        self.k, self.vocab_limit = k, vocab_limit
         self.values = torch.full((n, k), float("-inf"), device=device, dtype=torch.float32)
         self.indices = torch.zeros((n, k), device=device, dtype=torch.long)
 
     def merge(self, tile: torch.Tensor, rows: slice, vocab_start: int, block: int = BLOCK) -> None:
+        if self.vocab_limit is not None:
+            if vocab_start >= self.vocab_limit:
+                return
+            tile = tile[:, : self.vocab_limit - vocab_start]
         k = min(self.k, tile.shape[1])
         values, columns = tile_topk(tile, k, block)
         all_values = torch.cat([self.values[rows], values.float()], dim=1)
