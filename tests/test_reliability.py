@@ -224,7 +224,7 @@ def test_invalid_clip_settings(tmp_path, field, value):
 # ---- precision ----
 
 
-BF16_KL_TOLERANCE = dict(rel=0.05, abs=2e-3)  # the documented bf16-vs-fp32 agreement of the `kl` metric
+BF16_KL_TOLERANCE = dict(rel=5e-3, abs=1e-4)  # documented in docs/reliability.md (measured: <= 6e-4)
 
 
 @pytest.mark.parametrize("estimator", ["tike", "rb", "k3"])
