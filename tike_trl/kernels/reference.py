@@ -33,7 +33,8 @@ def reference_logprobs(
             h = hidden[rows].to(dtype)
             for start, end in tiling.columns(weight.shape[0]):
                 tile = _project(buf, h, weight, bias, start, end)
-                lse.fold(tile, rows, indices[rows, 0], start, spec, entropy=False)
+                # TRL's Triton fold reads one contiguous target per row (its label logit is unused here)
+                lse.fold(tile, rows, indices[rows, 0].contiguous(), start, spec, entropy=False)
                 local = indices[rows] - start
                 in_tile = (local >= 0) & (local < end - start)
                 values = tile.gather(1, local.clamp(0, end - start - 1)).float()
