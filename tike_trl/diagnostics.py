@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .estimators import TAILS, exact_kl, kl_estimate, p_log_ratio, truncated_kl
+from .estimators import TAILS, _at_least_fp32, exact_kl, kl_estimate, p_log_ratio, truncated_kl
 
 # value estimators compared in bias and variance; on-policy samples, so the importance ratio is 1
 VALUE_ESTIMATORS = ("k1", "k3", "rb", *(f"tike-{tail}" for tail in TAILS))
@@ -53,8 +53,8 @@ class PositionStats:
 def truncation_stats(policy_logits: torch.Tensor, ref_logits: torch.Tensor, sampled: torch.Tensor,
                      ks: Sequence[int]) -> PositionStats:
     """Top-k mass, truncated KL and tail residual at every k of `ks`, and the exact KL."""
-    logp = F.log_softmax(policy_logits.float(), dim=-1)
-    logq = F.log_softmax(ref_logits.float(), dim=-1)
+    logp = F.log_softmax(_at_least_fp32(policy_logits), dim=-1)
+    logq = F.log_softmax(_at_least_fp32(ref_logits), dim=-1)
     ids = sampled.long().unsqueeze(-1)
     logp_o, logq_o = logp.gather(-1, ids).squeeze(-1), logq.gather(-1, ids).squeeze(-1)
     top = logp.topk(max(ks), dim=-1)  # sorted, so S_k is the first k columns for every k
@@ -77,7 +77,7 @@ def truncation_stats(policy_logits: torch.Tensor, ref_logits: torch.Tensor, samp
 
 
 def _sampled_logprob(policy_logits: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(policy_logits.float(), dim=-1).gather(-1, sampled.long().unsqueeze(-1)).squeeze(-1)
+    return F.log_softmax(_at_least_fp32(policy_logits), dim=-1).gather(-1, sampled.long().unsqueeze(-1)).squeeze(-1)
 
 
 def token_estimate(name: str, policy_logits: torch.Tensor, ref_logits: torch.Tensor, sampled: torch.Tensor,
