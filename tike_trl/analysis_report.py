@@ -133,10 +133,16 @@ def plot_coverage(results: dict) -> Figure:
     return fig
 
 
+def _short(prompt: str, width: int = 32) -> str:
+    """The prompt's first sentence, cut to `width` characters, for a plot title."""
+    first = prompt.split("?")[0] + "?" if "?" in prompt else prompt
+    return first if len(first) <= width else first[: width - 1] + "…"
+
+
 def plot_bias_variance(results: dict) -> Figure:
     bv = results["bias_variance"]
     sizes = bv["sizes"]
-    panels = [(f"prompt {i + 1}: {p['prompt'][:40]}", p["estimators"], p["truth"]) for i, p in enumerate(bv["prompts"][:3])]
+    panels = [(f"prompt {i + 1}: {_short(p['prompt'])}", p["estimators"], p["truth"]) for i, p in enumerate(bv["prompts"][:3])]
     panels.append((f"mean over {len(bv['prompts'])} prompts", bv["summary"]["estimators"], bv["summary"]["truth"]))
     fig = Figure(figsize=(4.2 * len(panels), 3.6))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]

@@ -251,62 +251,89 @@ def bootstrap_sizes(pool: int) -> list[int]:
     return sorted({m for m in grid if m <= pool} | {pool})
 
 
-def run_analysis(config: AnalysisConfig, tokenizer=None, prompts: list | None = None) -> dict:
-    """Run the analysis and return its results as a JSON-ready dict (see `analysis_report`)."""
+@dataclass
+class Models:
+    """The loaded policy and reference; `shared` when the policy is the reference model itself
+    (at another temperature), whose backbone states then serve both."""
+
+    policy: LanguageModel
+    ref: LanguageModel
+    tokenizer: object
+    names: dict
+    shared: bool
+
+
+def load_models(config: AnalysisConfig, tokenizer=None) -> Models:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    started = time.perf_counter()
-    models = resolve_models(config)
-    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
-    ref_model = load(models["ref"])
-    same_model = Path(models["policy"]).resolve() == Path(models["ref"]).resolve() or models["policy"] == models["ref"]
-    policy_model = ref_model if same_model else load(models["policy"])
-    if policy_model.get_output_embeddings().weight.shape[0] != ref_model.get_output_embeddings().weight.shape[0]:
+    names = resolve_models(config)
+
+    def load(path: str) -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
+
+    ref_model = load(names["ref"])
+    shared = names["policy"] == names["ref"] or Path(names["policy"]).resolve() == Path(names["ref"]).resolve()
+    policy_model = ref_model if shared else load(names["policy"])
+    vocab = policy_model.get_output_embeddings().weight.shape[0]
+    if vocab != ref_model.get_output_embeddings().weight.shape[0]:
         raise ValueError("The policy and the reference have different vocabularies; they must share a tokenizer.")
-    ref = LanguageModel(ref_model, config.temperature)
-    policy = LanguageModel(policy_model, config.temperature * models["policy_shift"])
-    vocab = policy.head.weight.shape[0]
-    if max(config.ks) > vocab or config.tike_k > vocab:
-        raise ValueError(f"k={max(max(config.ks), config.tike_k)} is larger than the vocabulary ({vocab} tokens).")
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(models["policy"] if not same_model else models["ref"])
+    if max(*config.ks, config.tike_k) > vocab:
+        raise ValueError(f"k={max(*config.ks, config.tike_k)} is larger than the vocabulary ({vocab} tokens).")
+    return Models(policy=LanguageModel(policy_model, config.temperature * names["policy_shift"]),
+                  ref=LanguageModel(ref_model, config.temperature),
+                  tokenizer=tokenizer or AutoTokenizer.from_pretrained(names["policy"]), names=names, shared=shared)
+
+
+def sample_and_score(models: Models, prompt_ids: torch.Tensor, ks: Sequence[int], config: AnalysisConfig,
+                     generator: torch.Generator, bar: tqdm) -> tuple[Pool, diagnostics.ChunkScores, float]:
+    """One prompt: its pool of completions, their scores, and the seconds spent sampling."""
+    started = time.perf_counter()
+    stop = stop_ids(models.policy.model, models.tokenizer)
+    parts = [sample_pool(models.policy, prompt_ids, min(config.sample_batch, config.pool - start),
+                         config.completion_len, stop, generator, bar)
+             for start in range(0, config.pool, config.sample_batch)]
+    pool = Pool(*(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "layout", "policy_states")))
+    pool.ref_states = pool.policy_states if models.shared else reference_states(models.ref, prompt_ids, pool.tokens)
+    sampling_s = time.perf_counter() - started
+    bar.set_postfix_str("scoring")
+    scores = score_pool(pool, models.policy, models.ref, ks, config)
+    bar.set_postfix_str("")
+    return pool, scores, sampling_s
+
+
+def run_analysis(config: AnalysisConfig, tokenizer=None, prompts: list | None = None) -> dict:
+    """Run the analysis and return its results as a JSON-ready dict (rendered by `analysis_report`).
+    `tokenizer` and `prompts` override the policy's tokenizer and the configured prompts."""
+    started = time.perf_counter()
+    models = load_models(config, tokenizer)
     if prompts is None:
         prompts = (dataset_prompts(config.dataset, config.dataset_split, config.prompts) if config.dataset
                    else arithmetic_prompts(config.prompts, config.seed))
-    prompt_ids = [encode_prompt(p, tokenizer) for p in prompts]
-    stop = stop_ids(policy_model, tokenizer)
+    prompt_ids = [encode_prompt(p, models.tokenizer) for p in prompts]
     generator = torch.Generator().manual_seed(config.seed)
     sizes = bootstrap_sizes(config.pool)
     ks = sorted(set(config.ks) | {config.tike_k})
 
-    stats, per_prompt, grad_spreads, profile = [], [], [], None
-    sampling_s = scoring_s = 0.0
-    batches = range(0, config.pool, config.sample_batch)
-    with tqdm(total=len(prompts) * len(batches) * config.completion_len, desc="sampling and scoring",
-              unit="token step") as bar:
+    stats, per_prompt, grad_spreads, profile, sampling_s = [], [], [], None, 0.0
+    steps = len(prompts) * len(range(0, config.pool, config.sample_batch)) * config.completion_len
+    with tqdm(total=steps, desc="tike-trl analyze: sampling", unit="token step") as bar:
         for prompt, ids in zip(prompts, prompt_ids):
-            t0 = time.perf_counter()
-            pools = [sample_pool(policy, ids, min(config.sample_batch, config.pool - start), config.completion_len,
-                                 stop, generator, bar) for start in batches]
-            pool = Pool(*(torch.cat([getattr(p, f) for p in pools]) for f in ("tokens", "layout", "policy_states")))
-            pool.ref_states = pool.policy_states if same_model else reference_states(ref, ids, pool.tokens)
-            t1 = time.perf_counter()
-            scores = score_pool(pool, policy, ref, ks, config)
-            t2 = time.perf_counter()
-            sampling_s, scoring_s = sampling_s + t1 - t0, scoring_s + t2 - t1
+            pool, scores, seconds = sample_and_score(models, ids, ks, config, generator, bar)
+            sampling_s += seconds
             stats.append(scores.stats)
-            boot = diagnostics.bias_variance(scores.sequence_values, sizes, config.bootstrap, generator)
             per_prompt.append({"prompt": _prompt_text(prompt), "mean_length": pool.layout.sum(1).float().mean().item(),
-                               **boot})
+                               **diagnostics.bias_variance(scores.sequence_values, sizes, config.bootstrap, generator)})
             if scores.sequence_grads is not None:
                 grad_spreads.append(diagnostics.gradient_spread(scores.sequence_grads, config.grad_batch,
                                                                 config.bootstrap, generator))
             if profile is None:
-                profile = _profile(pool, scores.stats, ks.index(config.tike_k), config.tike_k, tokenizer, prompt)
+                profile = _profile(pool, scores.stats, ks.index(config.tike_k), config.tike_k, models.tokenizer, prompt)
     all_stats = diagnostics.PositionStats.cat(stats)
+    total_s = time.perf_counter() - started
     return {
-        "setup": {**asdict(config), "ks": list(config.ks), **models, "vocab_size": vocab,
+        "setup": {**asdict(config), "ks": list(config.ks), **models.names, "vocab_size": models.policy.head.weight.shape[0],
                   "positions": len(all_stats.exact), "sequences": config.pool * len(prompts),
-                  "gradient_parameters": _grad_parameters(policy) if config.gradients else None},
+                  "gradient_parameters": _grad_parameters(models.policy) if config.gradients else None},
         "coverage": {"ks": ks, "tike_k": config.tike_k, "table": diagnostics.coverage_table(all_stats, ks),
                      "identity_max_abs_error": diagnostics.identity_error(all_stats),
                      "mean_exact_kl": all_stats.exact.mean().item()},
@@ -315,7 +342,7 @@ def run_analysis(config: AnalysisConfig, tokenizer=None, prompts: list | None = 
         "gradient": ({"batch": config.grad_batch, "prompts": grad_spreads, "summary": _mean_over(grad_spreads)}
                      if grad_spreads else None),
         "profile": profile,
-        "timing": {"sampling_s": sampling_s, "scoring_s": scoring_s, "total_s": time.perf_counter() - started},
+        "timing": {"sampling_s": sampling_s, "scoring_s": total_s - sampling_s, "total_s": total_s},
     }
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .estimators import TAILS, _at_least_fp32, exact_kl, kl_estimate, p_log_ratio, truncated_kl
+from .estimators import TAILS, _at_least_fp32, kl_estimate, p_log_ratio, truncated_kl
 
 # value estimators compared in bias and variance; on-policy samples, so the importance ratio is 1
 VALUE_ESTIMATORS = ("k1", "k3", "rb", *(f"tike-{tail}" for tail in TAILS))
@@ -70,7 +70,7 @@ def truncation_stats(policy_logits: torch.Tensor, ref_logits: torch.Tensor, samp
         inside.append(o_in_s)
     return PositionStats(
         topk_mass=torch.stack(mass, -1), truncated=torch.stack(trunc, -1), tail=torch.stack(tail, -1),
-        sampled_in_topk=torch.stack(inside, -1), exact=exact_kl(logp, logq),
+        sampled_in_topk=torch.stack(inside, -1), exact=terms.sum(-1),  # = exact_kl(logp, logq), reusing the terms
         entropy=-(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1), top1=top.values[:, 0].exp(),
         p_sampled=logp_o.exp(),
     )
@@ -209,6 +209,11 @@ def gradient_spread(grads: dict[str, torch.Tensor], batch: int, draws: int, gene
     return out
 
 
+def _mean(values: torch.Tensor, selected: torch.Tensor) -> float | None:
+    """Mean over the selected positions; None (null in JSON) when there are none."""
+    return values[selected].mean().item() if bool(selected.any()) else None
+
+
 def coverage_table(stats: PositionStats, ks: Sequence[int], high: float = 0.99, low: float = 0.90) -> dict:
     """Per k, the TIKE Table 2 / Table 7 statistics over all positions and in the regimes m_k >= high
     and m_k < low: fraction of positions, mean m_k, mean entropy, mean and p95 |ξ_tail|, and how
@@ -223,11 +228,11 @@ def coverage_table(stats: PositionStats, ks: Sequence[int], high: float = 0.99, 
             table[k][regime] = {
                 "positions": n,
                 "fraction": n / max(len(mass), 1),
-                "mean_mass": mass[sel].mean().item() if n else float("nan"),
-                "mean_entropy": stats.entropy[sel].mean().item() if n else float("nan"),
-                "mean_abs_tail": abs_tail[sel].mean().item() if n else float("nan"),
-                "p95_abs_tail": abs_tail[sel].quantile(0.95).item() if n else float("nan"),
-                "sampled_in_topk": stats.sampled_in_topk[sel, col].float().mean().item() if n else float("nan"),
+                "mean_mass": _mean(mass, sel),
+                "mean_entropy": _mean(stats.entropy, sel),
+                "mean_abs_tail": _mean(abs_tail, sel),
+                "p95_abs_tail": abs_tail[sel].quantile(0.95).item() if n else None,
+                "sampled_in_topk": _mean(stats.sampled_in_topk[:, col].float(), sel),
             }
     return table
 
