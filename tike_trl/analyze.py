@@ -55,7 +55,7 @@ class AnalysisConfig:
 
     def __post_init__(self) -> None:
         self.ks = tuple(sorted(set(self.ks)))
-        for name in ("prompts", "completion_len", "bootstrap", "grad_batch", "tike_k", "chunk_positions",
+        for name in ("prompts", "completion_len", "pool", "bootstrap", "grad_batch", "tike_k", "chunk_positions",
                      "sample_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
