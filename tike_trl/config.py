@@ -10,6 +10,19 @@ from trl import GRPOConfig
 
 from .estimators import CLIP_MODES, ESTIMATORS, TAILS, check_choice, check_top_k
 
+# estimators that evaluate the reference at loss time, at the current policy's top-k (or everywhere)
+HEAD_ESTIMATORS = ("tike", "rb")
+
+
+def check_exact_kl_logging(steps: object, kl_estimator: str, beta: float) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"log_exact_kl_steps={steps!r} must be an integer >= 0 (0 switches it off).")
+    if steps and kl_estimator not in HEAD_ESTIMATORS:
+        raise ValueError(f"log_exact_kl_steps needs kl_estimator 'tike' or 'rb' (the loss-time reference head), "
+                         f"not {kl_estimator!r}.")
+    if steps and beta == 0.0:
+        raise ValueError("log_exact_kl_steps needs the KL term (beta > 0): with beta=0.0 there is no reference model.")
+
 
 def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
@@ -45,6 +58,11 @@ class TIKEConfig(GRPOConfig):
         tike_is_clip_mode (`str`, defaults to `"truncate"`):
             `"truncate"` caps the ratio at `tike_is_clip`; `"mask"` drops the KL term of a token
             whose ratio exceeds it.
+        log_exact_kl_steps (`int`, defaults to `0`):
+            Every this many optimizer steps, also log `kl/exact` (the exact per-token KL over the
+            full vocabulary) and `kl/tail_residual` (exact KL minus the top-`tike_top_k` sum, paper
+            Eq. 10-12), from the same tiled pass over the policy head: no `[tokens, vocabulary]`
+            tensor, no change to the loss. `kl_estimator` `"tike"` or `"rb"` only; 0 switches it off.
     """
 
     beta: float = field(
@@ -83,6 +101,13 @@ class TIKEConfig(GRPOConfig):
                   "ratio exceeds it.", "choices": list(CLIP_MODES)},
     )
 
+    log_exact_kl_steps: int = field(
+        default=0,
+        metadata={"help": "Every this many steps, also log kl/exact (exact KL over the full vocabulary) and "
+                  "kl/tail_residual (exact KL minus the top-k sum), from the same tiled pass; 'tike' and 'rb' only. "
+                  "0 switches it off."},
+    )
+
     def __post_init__(self) -> None:
         check_choice("kl_estimator", self.kl_estimator, ESTIMATORS)
         check_top_k(self.tike_top_k)
@@ -90,6 +115,7 @@ class TIKEConfig(GRPOConfig):
         check_choice("tike_is_clip_mode", self.tike_is_clip_mode, CLIP_MODES)
         if self.tike_is_clip is not None and not (isinstance(self.tike_is_clip, (int, float)) and self.tike_is_clip > 0):
             raise ValueError(f"tike_is_clip={self.tike_is_clip!r} must be a number > 0, or None for no bound.")
+        check_exact_kl_logging(self.log_exact_kl_steps, self.kl_estimator, self.beta)
         if self.bf16 is None and not self.fp16 and not _has_accelerator():
             self.bf16 = False  # TRL would default to bf16 and fail on a CPU-only machine
         super().__post_init__()

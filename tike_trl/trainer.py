@@ -12,13 +12,10 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id, use_adapter
 
-from .config import TIKEConfig
+from .config import HEAD_ESTIMATORS, TIKEConfig
 from .estimators import SAMPLED_TOKEN_ESTIMATORS, check_top_k, importance_ratio, sampled_token_kl, truncated_kl
 from .fused_head import ReferenceCapture, TIKEHead, replace_head_kernel, rows_to_completion
 from .kernels import RefHead
-
-# estimators that evaluate the reference at loss time, at the current policy's top-k (or everywhere)
-HEAD_ESTIMATORS = ("tike", "rb")
 
 
 @dataclass
@@ -27,6 +24,8 @@ class KLTerms:
 
     kl: torch.Tensor
     topk_mass: torch.Tensor | None = None
+    exact: torch.Tensor | None = None  # exact per-token KL, on `log_exact_kl_steps` steps
+    tail_residual: torch.Tensor | None = None  # exact KL minus the top-k sum (paper Eq. 11)
 
 
 def _checked_rollout(rollout_func: Callable) -> Callable:
@@ -81,7 +80,7 @@ class TIKEGRPOTrainer(GRPOTrainer):
         # a head padded beyond the tokenizer (e.g. 151,936 rows, 151,665 tokens): its extra rows
         # are never sampled, so they are never put in the top-k set either
         self._top_k_vocab = len(self._tokenizer) if len(self._tokenizer) < head_rows else None
-        if self.beta != 0.0 and args.kl_estimator == "tike":
+        if self.beta != 0.0 and (args.kl_estimator == "tike" or args.log_exact_kl_steps):
             check_top_k(args.tike_top_k, min(head_rows, len(self._tokenizer)))
 
     # ---- TRL's KL term, switched off while TRL computes the rest ----
@@ -117,9 +116,16 @@ class TIKEGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         loss = loss + self.beta * self._aggregate_like_trl(terms.kl, mask, inputs, mode)
         self._metrics[mode]["kl"].append(self._global_masked_mean(terms.kl, mask))
-        if terms.topk_mass is not None:
-            self._metrics[mode]["kl/topk_mass"].append(self._global_masked_mean(terms.topk_mass, mask))
+        for name in ("topk_mass", "exact", "tail_residual"):
+            if getattr(terms, name) is not None:
+                self._metrics[mode][f"kl/{name}"].append(self._global_masked_mean(getattr(terms, name), mask))
         return loss
+
+    def _logs_exact_kl(self) -> bool:
+        """Whether this step logs kl/exact and kl/tail_residual: optimizer steps whose number (as
+        logged) is a multiple of `log_exact_kl_steps`, and every evaluation batch."""
+        every = self.args.log_exact_kl_steps
+        return every > 0 and (not self.model.training or (self.state.global_step + 1) % every == 0)
 
     # ---- the policy forward of the loss ----
 
@@ -135,8 +141,10 @@ class TIKEGRPOTrainer(GRPOTrainer):
             self._kl_terms = self._sampled_token_terms(logps, inputs)
             return logps, entropies, aux
         refs = self._reference_heads(input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
-        head = TIKEHead(refs, top_k=self.args.tike_top_k if self.args.kl_estimator == "tike" else 0,
-                        exact_kl=self.args.kl_estimator == "rb", top_k_vocab=self._top_k_vocab)
+        # on exact-KL logging steps, the one policy pass returns the top-k AND the exact KL
+        exact_step = self._logs_exact_kl()
+        head = TIKEHead(refs, top_k=self.args.tike_top_k if self.args.kl_estimator == "tike" or exact_step else 0,
+                        exact_kl=self.args.kl_estimator == "rb" or exact_step, top_k_vocab=self._top_k_vocab)
         with replace_head_kernel(head):
             logps, entropies, aux = forward(model, input_ids, attention_mask, logits_to_keep, batch_size,
                                             compute_entropy, **kwargs)
@@ -185,17 +193,26 @@ class TIKEGRPOTrainer(GRPOTrainer):
         def laid_out(pick) -> torch.Tensor:
             return torch.cat([rows_to_completion(pick(r), m, logits_to_keep) for r, m in zip(head.results, masks)])
 
-        if head.exact_kl:
-            return KLTerms(laid_out(lambda r: r[0].exact_kl))
+        exact = laid_out(lambda r: r[0].exact_kl) if head.exact_kl else None
+        if not head.top_k:
+            return KLTerms(exact)
         topk_logps = laid_out(lambda r: r[0].topk_logprobs)
         topk_ids = laid_out(lambda r: r[0].topk_indices)
         ref_logps = laid_out(lambda r: r[1])
-        sampled = inputs["completion_ids"]
-        old = inputs.get("old_per_token_logps") if self.args.tike_importance_weight else None
-        ratio = importance_ratio(logps, old, self.args.tike_is_clip, self.args.tike_is_clip_mode)
-        kl = truncated_kl(topk_logps, ref_logps[..., :-1], logps, ref_logps[..., -1],
-                          (topk_ids == sampled.unsqueeze(-1)).any(-1), ratio, self.args.tike_tail)
-        return KLTerms(kl, topk_logps.detach().exp().sum(-1))
+        top_args = (topk_logps, ref_logps[..., :-1], logps, ref_logps[..., -1],
+                    (topk_ids == inputs["completion_ids"].unsqueeze(-1)).any(-1))
+        if self.args.kl_estimator == "rb":
+            kl = exact
+        else:
+            old = inputs.get("old_per_token_logps") if self.args.tike_importance_weight else None
+            ratio = importance_ratio(logps, old, self.args.tike_is_clip, self.args.tike_is_clip_mode)
+            kl = truncated_kl(*top_args, ratio, self.args.tike_tail)
+        terms = KLTerms(kl, topk_logps.detach().exp().sum(-1))
+        if exact is not None:  # an exact-KL logging step: the residual beyond the plain top-k sum (Eq. 10-12)
+            with torch.no_grad():
+                top_sum = truncated_kl(*top_args, torch.ones_like(logps), "drop")
+            terms.exact, terms.tail_residual = exact.detach(), (exact - top_sum).detach()
+        return terms
 
     # ---- TRL's loss aggregation and metric reduction ----
 

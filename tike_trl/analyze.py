@@ -1,0 +1,450 @@
+"""`tike-trl analyze`: does the top-k truncation hold on your models, and how do the KL estimators
+compare? Samples a pool of completions from the policy per prompt, scores every position with
+dense logits against the reference (a chunk of positions at a time), and writes a markdown
+report, JSON and PNG plots (TIKE Tables 2 and 7, Figures 2 and 4; the Rao-Blackwellized KL
+paper's estimation table and gradient variance).
+
+The math lives in :mod:`tike_trl.diagnostics`; this module loads the models and prompts, samples,
+and arranges the chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import diagnostics
+
+# `tike-trl train`'s default output directory: its model is the default policy when present
+TRAIN_OUTPUT_DIR = Path("outputs/tike-train")
+# without a trained policy, the policy is the reference with its logits divided by this temperature
+SHIFTED_POLICY_TEMPERATURE = 0.7
+DEFAULT_KS = (8, 16, 64, 256)
+DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class AnalysisConfig:
+    """Settings of one analysis; `tike-trl analyze --help` describes each."""
+
+    policy: str | None = None
+    ref: str | None = None
+    policy_temperature: float | None = None
+    temperature: float = 1.0
+    prompts: int = 8
+    dataset: str | None = None
+    dataset_split: str = "train"
+    completion_len: int = 32
+    pool: int = 32
+    ks: Sequence[int] = DEFAULT_KS
+    tike_k: int = 16
+    bootstrap: int = 1000
+    grad_batch: int = 8
+    gradients: bool = True
+    chunk_positions: int = 512
+    sample_batch: int = 64
+    seed: int = 0
+    output_dir: str = "outputs/analyze"
+
+    def __post_init__(self) -> None:
+        self.ks = tuple(sorted(set(self.ks)))
+        for name in ("prompts", "completion_len", "pool", "bootstrap", "grad_batch", "tike_k", "chunk_positions",
+                     "sample_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+        if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
+            raise ValueError(f"k={list(self.ks)!r} must be one or more integers >= 1.")
+        if self.pool < 2:
+            raise ValueError(f"pool={self.pool!r} must be at least 2 sequences per prompt (variances need two).")
+        for name in ("temperature", "policy_temperature"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}={value!r} must be > 0.")
+
+
+class LanguageModel:
+    """A causal LM as the analysis sees it: backbone → final norm → LM head, logits / temperature.
+
+    Keeping the final norm apart lets the analysis differentiate the KL with respect to the norm's
+    weight from cached backbone states (the affordable parameter subset of the gradient section).
+    """
+
+    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
+        if getattr(model.config, "final_logit_softcapping", None):
+            raise NotImplementedError("tike-trl analyze does not support logit soft-capping (e.g. Gemma 2).")
+        self.model, self.temperature = model, temperature
+        self.decoder = model.get_decoder()
+        self.norm = getattr(self.decoder, "norm", None)
+        if self.norm is None or getattr(self.norm, "weight", None) is None:
+            raise NotImplementedError(f"{type(model).__name__} has no final norm with a weight at get_decoder().norm.")
+        self.head = model.get_output_embeddings()
+
+    @torch.no_grad()
+    def prenorm(self, input_ids: torch.Tensor, cache=None):
+        """Final hidden states before the final norm ([B, T, d]) and the updated KV cache."""
+        captured = []
+        handle = self.norm.register_forward_hook(lambda _module, args, _out: captured.append(args[0]))
+        try:
+            out = self.decoder(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        finally:
+            handle.remove()
+        return captured[-1], out.past_key_values
+
+    def logits(self, prenorm: torch.Tensor, norm_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits; `norm_weight` replaces the norm's weight (e.g. one row per position)."""
+        if norm_weight is None:
+            x = self.norm(prenorm)
+        else:
+            x = torch.func.functional_call(self.norm, {"weight": norm_weight}, (prenorm,))
+        return self.head(x).float() / self.temperature
+
+
+# ---- models and prompts ----
+
+def trained_policy_dir(root: Path = TRAIN_OUTPUT_DIR) -> Path | None:
+    """`tike-trl train`'s saved model: the output directory itself, else its latest checkpoint."""
+    if (root / "config.json").exists():
+        return root
+    checkpoints = sorted(root.glob("checkpoint-*/config.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
+    return checkpoints[-1].parent if checkpoints else None
+
+
+def resolve_models(config: AnalysisConfig) -> dict:
+    """Paths, temperatures and human-readable names of the policy and the reference."""
+    if config.ref is not None:
+        ref = config.ref
+    else:
+        from .models import embedded_model_path
+
+        ref = str(embedded_model_path())
+    if config.policy is not None:
+        policy, shift, name = config.policy, config.policy_temperature or 1.0, config.policy
+    elif (trained := trained_policy_dir()) is not None:
+        policy, shift, name = str(trained), config.policy_temperature or 1.0, f"{trained} (trained by tike-trl train)"
+    else:
+        shift = config.policy_temperature or SHIFTED_POLICY_TEMPERATURE
+        policy, name = ref, f"built-in shifted policy: the reference at temperature {shift}"
+    if shift != 1.0 and config.policy is not None:
+        name = f"{name} at temperature {shift}"
+    return {"policy": policy, "policy_shift": shift, "policy_name": name, "ref": ref}
+
+
+def arithmetic_prompts(n: int, seed: int) -> list[list[dict]]:
+    """The embedded task: "What is a + b?" chat prompts with two-digit operands."""
+    rng = random.Random(seed)
+    pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(n)]
+    return [[{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}] for a, b in pairs]
+
+
+def dataset_prompts(name: str, split: str, n: int) -> list:
+    """The first `n` entries of the "prompt" column of a dataset: a local .json/.jsonl/.csv/.parquet
+    file, or anything `datasets.load_dataset` accepts."""
+    from datasets import load_dataset
+
+    path = Path(name)
+    if path.is_file():
+        if path.suffix not in DATA_FILE_FORMATS:
+            raise ValueError(f"--dataset {name}: unknown file type; use one of {', '.join(DATA_FILE_FORMATS)}.")
+        data = load_dataset(DATA_FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+    else:
+        data = load_dataset(name, split=split)
+    if "prompt" not in data.column_names:
+        raise ValueError(f"--dataset {name} has no 'prompt' column (columns: {', '.join(data.column_names)}).")
+    return data.select(range(min(n, len(data))))["prompt"]
+
+
+def encode_prompt(prompt, tokenizer) -> torch.Tensor:
+    """Token ids [1, T] of a text or conversational prompt, as TRL's GRPO trainer encodes it."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    text = maybe_apply_chat_template({"prompt": prompt}, tokenizer)["prompt"]
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"The tokenizer encodes the prompt {text[:60]!r} to no tokens.")
+    return torch.tensor([ids])
+
+
+def stop_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+# ---- sampling ----
+
+@dataclass
+class Pool:
+    """Sequences sampled from the policy for one prompt and the states that scored them."""
+
+    tokens: torch.Tensor  # [P, L] sampled ids (anything after a stop token is padding)
+    layout: torch.Tensor  # [P, L] bool, real positions (up to and including the stop token)
+    policy_states: torch.Tensor  # [P, L, d] policy states before the final norm, predicting each token
+    ref_states: torch.Tensor | None = None  # the reference's, when it is a different model
+
+
+@torch.no_grad()
+def sample_pool(policy: LanguageModel, prompt_ids: torch.Tensor, size: int, max_len: int, stop: set[int],
+                generator: torch.Generator, progress: tqdm) -> Pool:
+    """Sample `size` completions exactly from the policy's (temperature-scaled) distribution,
+    keeping the state that predicted each token. The prompt is encoded once and its KV cache
+    shared by every sample."""
+    states, cache = policy.prenorm(prompt_ids)
+    cache.batch_repeat_interleave(size)
+    last = states[:, -1].expand(size, -1)
+    stop_tensor = torch.tensor(sorted(stop), dtype=torch.long)
+    tokens = torch.zeros((size, max_len), dtype=torch.long)
+    layout = torch.zeros((size, max_len), dtype=torch.bool)
+    kept = torch.zeros((size, max_len, last.shape[-1]), dtype=torch.float32)
+    done = torch.zeros(size, dtype=torch.bool)
+    for t in range(max_len):
+        probs = torch.softmax(policy.logits(last), dim=-1)
+        tokens[:, t] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        layout[:, t] = ~done
+        kept[:, t] = last.float()
+        done |= torch.isin(tokens[:, t], stop_tensor)
+        progress.update(1)
+        if bool(done.all()):
+            progress.update(max_len - t - 1)
+            break
+        states, cache = policy.prenorm(tokens[:, t : t + 1], cache)
+        last = states[:, -1]
+    return Pool(tokens, layout, kept)
+
+
+@torch.no_grad()
+def reference_states(ref: LanguageModel, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The reference's states before its final norm, predicting each sampled token ([P, L, d])."""
+    states, cache = ref.prenorm(prompt_ids)
+    first = states[:, -1:].expand(tokens.shape[0], -1, -1)
+    if tokens.shape[1] == 1:
+        return first.float()
+    cache.batch_repeat_interleave(tokens.shape[0])
+    rest, _ = ref.prenorm(tokens[:, :-1], cache)
+    return torch.cat([first, rest], dim=1).float()
+
+
+def sequence_chunks(lengths: torch.Tensor, max_positions: int) -> Iterator[slice]:
+    """Consecutive groups of whole sequences holding at most `max_positions` positions (or one sequence)."""
+    start, total = 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if total and total + n > max_positions:
+            yield slice(start, i)
+            start, total = i, 0
+        total += n
+    if start < len(lengths):
+        yield slice(start, len(lengths))
+
+
+# ---- the analysis ----
+
+def bootstrap_sizes(pool: int) -> list[int]:
+    """Sample counts M on a 1-2-5 grid up to the pool size, as in TIKE Figure 4's log axis."""
+    grid = [m * 10**e for e in range(6) for m in (1, 2, 5)]
+    return sorted({m for m in grid if m <= pool} | {pool})
+
+
+@dataclass
+class Models:
+    """The loaded policy and reference; `shared` when the policy is the reference model itself
+    (at another temperature), whose backbone states then serve both."""
+
+    policy: LanguageModel
+    ref: LanguageModel
+    tokenizer: object
+    names: dict
+    shared: bool
+
+
+def load_models(config: AnalysisConfig, tokenizer=None) -> Models:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    names = resolve_models(config)
+
+    def load(path: str) -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
+
+    ref_model = load(names["ref"])
+    shared = names["policy"] == names["ref"] or Path(names["policy"]).resolve() == Path(names["ref"]).resolve()
+    policy_model = ref_model if shared else load(names["policy"])
+    vocab = policy_model.get_output_embeddings().weight.shape[0]
+    if vocab != ref_model.get_output_embeddings().weight.shape[0]:
+        raise ValueError("The policy and the reference have different vocabularies; they must share a tokenizer.")
+    if max(*config.ks, config.tike_k) > vocab:
+        raise ValueError(f"k={max(*config.ks, config.tike_k)} is larger than the vocabulary ({vocab} tokens).")
+    return Models(policy=LanguageModel(policy_model, config.temperature * names["policy_shift"]),
+                  ref=LanguageModel(ref_model, config.temperature),
+                  tokenizer=tokenizer or AutoTokenizer.from_pretrained(names["policy"]), names=names, shared=shared)
+
+
+def sample_and_score(models: Models, prompt_ids: torch.Tensor, ks: Sequence[int], config: AnalysisConfig,
+                     generator: torch.Generator, bar: tqdm) -> tuple[Pool, diagnostics.ChunkScores, float]:
+    """One prompt: its pool of completions, their scores, and the seconds spent sampling."""
+    started = time.perf_counter()
+    stop = stop_ids(models.policy.model, models.tokenizer)
+    parts = [sample_pool(models.policy, prompt_ids, min(config.sample_batch, config.pool - start),
+                         config.completion_len, stop, generator, bar)
+             for start in range(0, config.pool, config.sample_batch)]
+    pool = Pool(*(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "layout", "policy_states")))
+    pool.ref_states = pool.policy_states if models.shared else reference_states(models.ref, prompt_ids, pool.tokens)
+    sampling_s = time.perf_counter() - started
+    bar.set_postfix_str("scoring")
+    scores = score_pool(pool, models.policy, models.ref, ks, config)
+    bar.set_postfix_str("")
+    return pool, scores, sampling_s
+
+
+def run_analysis(config: AnalysisConfig, tokenizer=None, prompts: list | None = None) -> dict:
+    """Run the analysis and return its results as a JSON-ready dict (rendered by `analysis_report`).
+    `tokenizer` and `prompts` override the policy's tokenizer and the configured prompts."""
+    started = time.perf_counter()
+    models = load_models(config, tokenizer)
+    if prompts is None:
+        prompts = (dataset_prompts(config.dataset, config.dataset_split, config.prompts) if config.dataset
+                   else arithmetic_prompts(config.prompts, config.seed))
+    prompt_ids = [encode_prompt(p, models.tokenizer) for p in prompts]
+    generator = torch.Generator().manual_seed(config.seed)
+    sizes = bootstrap_sizes(config.pool)
+    ks = sorted(set(config.ks) | {config.tike_k})
+
+    stats, per_prompt, grad_spreads, profile, sampling_s = [], [], [], None, 0.0
+    steps = len(prompts) * len(range(0, config.pool, config.sample_batch)) * config.completion_len
+    with tqdm(total=steps, desc="tike-trl analyze: sampling", unit="token step") as bar:
+        for prompt, ids in zip(prompts, prompt_ids):
+            pool, scores, seconds = sample_and_score(models, ids, ks, config, generator, bar)
+            sampling_s += seconds
+            stats.append(scores.stats)
+            per_prompt.append({"prompt": _prompt_text(prompt), "mean_length": pool.layout.sum(1).float().mean().item(),
+                               **diagnostics.bias_variance(scores.sequence_values, sizes, config.bootstrap, generator)})
+            if scores.sequence_grads is not None:
+                grad_spreads.append(diagnostics.gradient_spread(scores.sequence_grads, config.grad_batch,
+                                                                config.bootstrap, generator))
+            if profile is None:
+                profile = _profile(pool, scores.stats, ks.index(config.tike_k), config.tike_k, models.tokenizer, prompt)
+    all_stats = diagnostics.PositionStats.cat(stats)
+    total_s = time.perf_counter() - started
+    return {
+        "setup": {**asdict(config), "ks": list(config.ks), **models.names, "vocab_size": models.policy.head.weight.shape[0],
+                  "positions": len(all_stats.exact), "sequences": config.pool * len(prompts),
+                  "gradient_parameters": _grad_parameters(models.policy) if config.gradients else None},
+        "coverage": {"ks": ks, "tike_k": config.tike_k, "table": diagnostics.coverage_table(all_stats, ks),
+                     "identity_max_abs_error": diagnostics.identity_error(all_stats),
+                     "mean_exact_kl": all_stats.exact.mean().item()},
+        "bias_variance": {"sizes": sizes, "unbiased": list(diagnostics.UNBIASED_ESTIMATORS),
+                          "prompts": per_prompt, "summary": _summarise_bias_variance(per_prompt)},
+        "gradient": ({"batch": config.grad_batch, "prompts": grad_spreads, "summary": _mean_over(grad_spreads)}
+                     if grad_spreads else None),
+        "profile": profile,
+        "timing": {"sampling_s": sampling_s, "scoring_s": total_s - sampling_s, "total_s": total_s},
+    }
+
+
+def score_pool(pool: Pool, policy: LanguageModel, ref: LanguageModel, ks: Sequence[int],
+               config: AnalysisConfig) -> diagnostics.ChunkScores:
+    """Score a pool a chunk of whole sequences at a time (dense [positions, vocab] logits per chunk)."""
+    parts = []
+    for rows in sequence_chunks(pool.layout.sum(1), config.chunk_positions):
+        layout = pool.layout[rows]
+        policy_states, ref_states = pool.policy_states[rows][layout], pool.ref_states[rows][layout]
+        with torch.no_grad():
+            ref_logits = ref.logits(ref_states)
+        parts.append(diagnostics.score_chunk(
+            lambda w: policy.logits(policy_states, w), policy.norm.weight if config.gradients else None,
+            ref_logits, pool.tokens[rows][layout], layout, ks, config.tike_k))
+    merge = lambda dicts: None if dicts[0] is None else {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
+    return diagnostics.ChunkScores(diagnostics.PositionStats.cat([p.stats for p in parts]),
+                                   merge([p.sequence_values for p in parts]), merge([p.sequence_grads for p in parts]))
+
+
+def _grad_parameters(policy: LanguageModel) -> dict:
+    name = next(n for n, p in policy.model.named_parameters() if p is policy.norm.weight)
+    return {"name": name, "numel": policy.norm.weight.numel()}
+
+
+def _prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else " / ".join(m["content"] for m in prompt)
+
+
+def _profile(pool: Pool, stats: diagnostics.PositionStats, col: int, k: int, tokenizer, prompt) -> dict:
+    """Per-position probabilities along the longest sampled sequence of the first prompt (TIKE Figure 2)."""
+    lengths = pool.layout.sum(1)
+    row = int(lengths.argmax())
+    start = int(lengths[:row].sum())
+    sl = slice(start, start + int(lengths[row]))
+    return {"prompt": _prompt_text(prompt), "k": k,
+            "tokens": tokenizer.convert_ids_to_tokens(pool.tokens[row, : int(lengths[row])].tolist()),
+            "top1": stats.top1[sl].tolist(), "topk_mass": stats.topk_mass[sl, col].tolist(),
+            "p_sampled": stats.p_sampled[sl].tolist(), "exact_kl": stats.exact[sl].tolist()}
+
+
+def _mean_over(items: list[dict]) -> dict:
+    """Average nested dicts of numbers (or lists of numbers) key by key."""
+    first = items[0]
+    if isinstance(first, dict):
+        return {k: _mean_over([it[k] for it in items]) for k in first}
+    if isinstance(first, list):
+        return [sum(col) / len(col) for col in zip(*items)]
+    return sum(items) / len(items)
+
+
+def _summarise_bias_variance(per_prompt: list[dict]) -> dict:
+    """Averaged over prompts: each estimator's estimate, its bias against the pool's exact KL, and its std."""
+    summary = {"truth": sum(p["truth"] for p in per_prompt) / len(per_prompt), "estimators": {}}
+    for name in per_prompt[0]["estimators"]:
+        est = _mean_over([p["estimators"][name] for p in per_prompt])
+        bias = _mean_over([[m - p["truth"] for m in p["estimators"][name]["mean"]] for p in per_prompt])
+        summary["estimators"][name] = {"mean": est["mean"], "bias": bias, "std": est["std"]}
+    return summary
+
+
+# ---- command line ----
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `tike-trl analyze` options."""
+    parser.add_argument("--policy", help="policy model (path or Hub id). Default: the model saved by `tike-trl train` in "
+                        f"{TRAIN_OUTPUT_DIR} if present, else a built-in shifted policy (the reference at temperature "
+                        f"{SHIFTED_POLICY_TEMPERATURE}).")
+    parser.add_argument("--ref", help="reference model (path or Hub id). Default: the embedded SmolLM2-135M-Instruct.")
+    parser.add_argument("--policy-temperature", type=float, help="divide the policy's logits (only) by this; "
+                        f"default 1, or {SHIFTED_POLICY_TEMPERATURE} for the built-in shifted policy.")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature, applied to both models' logits as TRL does (default 1.0).")
+    parser.add_argument("--prompts", type=int, default=8, help="number of prompts (default 8).")
+    parser.add_argument("--dataset", help="prompts from a dataset with a 'prompt' column (a .json/.jsonl/.csv/.parquet "
+                        "file or a `datasets` name) instead of the embedded arithmetic task.")
+    parser.add_argument("--dataset-split", default="train", help="split of --dataset (default train).")
+    parser.add_argument("--completion-len", type=int, default=32, help="maximum completion tokens (default 32).")
+    parser.add_argument("--pool", type=int, default=32, help="sequences sampled from the policy per prompt (default 32).")
+    parser.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), dest="ks",
+                        help="top-k sizes for the coverage tables (default 8 16 64 256).")
+    parser.add_argument("--tike-k", type=int, default=16, help="k of the TIKE estimators compared (default 16).")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per sample count (default 1000).")
+    parser.add_argument("--grad-batch", type=int, default=8,
+                        help="sequences per resampled batch in the gradient-variance section (default 8).")
+    parser.add_argument("--no-gradients", dest="gradients", action="store_false", help="skip the gradient section.")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling and resampling (default 0).")
+    parser.add_argument("--output-dir", default="outputs/analyze",
+                        help="where report.md, results.json and the plots go (default outputs/analyze).")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `tike-trl analyze` and write its report."""
+    from .analysis_report import write_report
+
+    options = {k: v for k, v in vars(args).items() if k in AnalysisConfig.__dataclass_fields__}
+    try:
+        config = AnalysisConfig(**options)
+    except ValueError as error:
+        raise SystemExit(f"tike-trl analyze: error: {error}") from None
+    results = run_analysis(config)
+    paths = write_report(results, Path(config.output_dir))
+    print(f"tike-trl analyze: {results['setup']['positions']} positions in {results['timing']['total_s']:.0f} s; "
+          f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
