@@ -1,0 +1,34 @@
+"""The `tike-trl` command. Each subcommand is a module with `add_arguments(parser)` and
+`run(args) -> int`, registered in `COMMANDS`; bad input (`InputError`) is reported on one line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import InputError
+
+COMMANDS = {"train": "tike_trl.train_job"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tike-trl", description="TIKE and the k1/k2/k3/rb KL estimators for TRL's GRPO.")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip()
+        sub = subcommands.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except InputError as err:
+        print(f"tike-trl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
