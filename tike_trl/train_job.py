@@ -1,4 +1,4 @@
-"""`tike-trl train`: GRPO with the TIKE KL estimator.
+"""Train a model with GRPO and the TIKE KL estimator (`tike-trl train`).
 
 With no arguments it trains the embedded default, SmolLM2-135M-Instruct on arithmetic generated
 in code, offline, sized for a few minutes on 2 CPU cores. `--config FILE` takes the YAML files of
