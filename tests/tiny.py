@@ -12,10 +12,15 @@ WORDS = ["<pad>", "<eos>", "<unk>"] + [str(i) for i in range(10)] + ["+", "-", "
          "sum", "of", "and", "answer", "a", "b", "c", "x", "y", "z", "yes", "no", "ok"]
 
 
+# joins the messages' words, so conversational prompts (the CLI's datasets) work on the tiny model
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   chat_template=CHAT_TEMPLATE)
 
 
 def save_tiny_model(path: Path, vocab_size: int = len(WORDS), seed: int = 0, tie_word_embeddings: bool = False,

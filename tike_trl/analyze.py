@@ -21,9 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import diagnostics
+from .errors import InputError
+from .train_job import DEFAULT_OUTPUT_DIR
 
 # `tike-trl train`'s default output directory: its model is the default policy when present
-TRAIN_OUTPUT_DIR = Path("outputs/tike-train")
+TRAIN_OUTPUT_DIR = Path(DEFAULT_OUTPUT_DIR)
 # without a trained policy, the policy is the reference with its logits divided by this temperature
 SHIFTED_POLICY_TEMPERATURE = 0.7
 DEFAULT_KS = (8, 16, 64, 256)
@@ -152,12 +154,12 @@ def dataset_prompts(name: str, split: str, n: int) -> list:
     path = Path(name)
     if path.is_file():
         if path.suffix not in DATA_FILE_FORMATS:
-            raise ValueError(f"--dataset {name}: unknown file type; use one of {', '.join(DATA_FILE_FORMATS)}.")
+            raise InputError(f"--dataset {name}: unknown file type; use one of {', '.join(DATA_FILE_FORMATS)}.")
         data = load_dataset(DATA_FILE_FORMATS[path.suffix], data_files=str(path), split="train")
     else:
         data = load_dataset(name, split=split)
     if "prompt" not in data.column_names:
-        raise ValueError(f"--dataset {name} has no 'prompt' column (columns: {', '.join(data.column_names)}).")
+        raise InputError(f"--dataset {name} has no 'prompt' column (columns: {', '.join(data.column_names)}).")
     return data.select(range(min(n, len(data))))["prompt"]
 
 
@@ -168,7 +170,7 @@ def encode_prompt(prompt, tokenizer) -> torch.Tensor:
     text = maybe_apply_chat_template({"prompt": prompt}, tokenizer)["prompt"]
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if not ids:
-        raise ValueError(f"The tokenizer encodes the prompt {text[:60]!r} to no tokens.")
+        raise InputError(f"The tokenizer encodes the prompt {text[:60]!r} to no tokens.")
     return torch.tensor([ids])
 
 
@@ -276,9 +278,9 @@ def load_models(config: AnalysisConfig, tokenizer=None) -> Models:
     policy_model = ref_model if shared else load(names["policy"])
     vocab = policy_model.get_output_embeddings().weight.shape[0]
     if vocab != ref_model.get_output_embeddings().weight.shape[0]:
-        raise ValueError("The policy and the reference have different vocabularies; they must share a tokenizer.")
+        raise InputError("The policy and the reference have different vocabularies; they must share a tokenizer.")
     if max(*config.ks, config.tike_k) > vocab:
-        raise ValueError(f"k={max(*config.ks, config.tike_k)} is larger than the vocabulary ({vocab} tokens).")
+        raise InputError(f"k={max(*config.ks, config.tike_k)} is larger than the vocabulary ({vocab} tokens).")
     return Models(policy=LanguageModel(policy_model, config.temperature * names["policy_shift"]),
                   ref=LanguageModel(ref_model, config.temperature),
                   tokenizer=tokenizer or AutoTokenizer.from_pretrained(names["policy"]), names=names, shared=shared)
@@ -442,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = AnalysisConfig(**options)
     except ValueError as error:
-        raise SystemExit(f"tike-trl analyze: error: {error}") from None
+        raise InputError(str(error)) from None
     results = run_analysis(config)
     paths = write_report(results, Path(config.output_dir))
     print(f"tike-trl analyze: {results['setup']['positions']} positions in {results['timing']['total_s']:.0f} s; "

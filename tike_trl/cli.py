@@ -1,26 +1,30 @@
-"""The `tike-trl` command: one subcommand per module, each exposing `add_arguments(parser)` and
-`run(args)`; register new ones in SUBCOMMANDS."""
+"""The `tike-trl` command. Each subcommand is a module with `add_arguments(parser)` and
+`run(args) -> int`, registered in `COMMANDS`; bad input (`InputError`) is reported on one line."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 
+from .errors import InputError
+
 # subcommand -> module implementing it
-SUBCOMMANDS = {
+COMMANDS = {
+    "train": "tike_trl.train_job",
     "analyze": "tike_trl.analyze",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tike-trl", description="TIKE and the k1/k2/k3/rb KL estimators for TRL's GRPO.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        summary = module.__doc__.strip().splitlines()[0]
-        sub = commands.add_parser(name, help=summary, description=module.__doc__.split("\n\n")[0],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        doc = (module.__doc__ or "").strip()
+        sub = subcommands.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
@@ -28,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except InputError as err:
+        print(f"tike-trl {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

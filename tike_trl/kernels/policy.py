@@ -90,7 +90,7 @@ def policy_head(
     `top_k_vocab` restricts the top-k to the first rows of the head (the tokenizer's tokens):
     a head padded beyond them (e.g. 151,936 rows for 151,665 tokens) never puts a padding row in S.
     """
-    choosable = weight.shape[0] if top_k_vocab is None else min(top_k_vocab, weight.shape[0])
+    choosable = _rows(weight) if top_k_vocab is None else min(top_k_vocab, _rows(weight))
     if top_k > choosable:
         raise ValueError(f"top_k={top_k} is larger than the {choosable} head rows it may choose from.")
     if tiling.vocab % tiling.block:
@@ -100,15 +100,21 @@ def policy_head(
         return HeadOutputs(*outputs)
     if ref.spec.temperature != spec.temperature:
         raise ValueError("The policy and the reference head must use the same temperature.")
-    if ref.hidden.shape[0] != hidden.shape[0] or ref.weight.shape[0] != weight.shape[0]:
+    if ref.hidden.shape[0] != hidden.shape[0] or _rows(ref.weight) != _rows(weight):
         raise ValueError(
-            f"Reference head ({ref.hidden.shape[0]} rows, vocabulary {ref.weight.shape[0]}) does not match the "
-            f"policy's ({hidden.shape[0]} rows, vocabulary {weight.shape[0]})."
+            f"Reference head ({ref.hidden.shape[0]} rows, vocabulary {_rows(ref.weight)}) does not match the "
+            f"policy's ({hidden.shape[0]} rows, vocabulary {_rows(weight)})."
         )
-    outputs = _ExactKLHead.apply(hidden, weight, bias, targets, ref.hidden.detach(), ref.weight.detach(),
-                                 None if ref.bias is None else ref.bias.detach(), spec, ref.spec, top_k, tiling,
-                                 top_k_vocab)
+    # the reference weight and bias go in as they are: `detach()` would make new tensors without the
+    # ZeRO-3 attributes that the gather needs; the Function returns no gradient for them anyway
+    outputs = _ExactKLHead.apply(hidden, weight, bias, targets, ref.hidden.detach(), ref.weight, ref.bias, spec,
+                                 ref.spec, top_k, tiling, top_k_vocab)
     return HeadOutputs(*outputs)
+
+
+def _rows(weight: torch.Tensor) -> int:
+    """Vocabulary rows of a head weight, also while ZeRO-3 holds it partitioned (gathered later, in the tiles)."""
+    return getattr(weight, "ds_shape", weight.shape)[0]
 
 
 # A -inf bias (a masked, never-sampled head row) becomes this raw logit: exp() of it is exactly 0
