@@ -112,14 +112,18 @@ class TIKEGRPOTrainer(GRPOTrainer):
                                             compute_entropy, **kwargs)
             self._kl_terms = self._sampled_token_terms(logps, inputs)
             return logps, entropies, aux
-        refs = self._reference_heads(input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
-        head = TIKEHead(refs, top_k=self.args.tike_top_k if self.args.kl_estimator == "tike" else 0,
-                        exact_kl=self.args.kl_estimator == "rb")
+        head = self._loss_head(self._reference_heads(input_ids, attention_mask, logits_to_keep, batch_size, **kwargs))
         with replace_head_kernel(head):
             logps, entropies, aux = forward(model, input_ids, attention_mask, logits_to_keep, batch_size,
                                             compute_entropy, **kwargs)
         self._kl_terms = self._head_terms(head, logps, inputs, attention_mask, logits_to_keep, batch_size)
         return logps, entropies, aux
+
+    def _loss_head(self, refs: list[RefHead]) -> TIKEHead:
+        """What stands in for TRL's head kernel during the loss's policy forward (the benchmarks
+        override it with a naive, materialising head)."""
+        return TIKEHead(refs, top_k=self.args.tike_top_k if self.args.kl_estimator == "tike" else 0,
+                        exact_kl=self.args.kl_estimator == "rb")
 
     @torch.no_grad()
     def _reference_heads(self, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs) -> list[RefHead]:
