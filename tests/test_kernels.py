@@ -134,7 +134,7 @@ def test_tile_topk_block_select_matches_full_topk_values():
     tile = torch.randn(9, 1000, generator=g).round(decimals=1)  # many ties
     for k in (1, 3, 16, 60):
         values, columns = tile_topk(tile, k, block=8)
-        torch.testing.assert_close(values, tile.topk(k).values)
+        torch.testing.assert_close(values.sort(-1, descending=True).values, tile.topk(k).values)  # in any order
         assert_valid_topk(columns, tile, k)
 
 

@@ -56,6 +56,10 @@ class Tiling:
         for start in range(0, vocab, self.vocab):
             yield start, min(start + self.vocab, vocab)
 
+    def buffer(self, n: int, vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """One tile's storage, reused across the pass (no wider than the vocabulary)."""
+        return torch.empty((min(n, self.tokens), min(vocab, self.vocab)), device=device, dtype=dtype)
+
 
 @dataclass(frozen=True)
 class RefHead:
@@ -73,7 +77,7 @@ class HeadOutputs:
 
     logprob: torch.Tensor  # [N] log p(label)
     entropy: torch.Tensor  # [N]
-    topk_logprobs: torch.Tensor  # [N, k]
+    topk_logprobs: torch.Tensor  # [N, k], in no particular order
     topk_indices: torch.Tensor  # [N, k], no gradient
     log_z: torch.Tensor  # [N], no gradient
     exact_kl: torch.Tensor | None = None  # [N] Σ_v p_v ℓ_v, when a reference head was given
@@ -228,7 +232,7 @@ class _TopKHead(torch.autograd.Function):
         lse = LogSumExp(n, device)
         top = RunningTopK(n, top_k, device)
         with maybe_gather_lm_head_ctx(weight, bias):
-            buf = torch.empty((min(n, tiling.tokens), tiling.vocab), device=device, dtype=dtype)
+            buf = tiling.buffer(n, weight.shape[0], device, dtype)
             for rows in tiling.rows(n):
                 h = hidden[rows].to(dtype)
                 for start, end in tiling.columns(weight.shape[0]):
@@ -256,7 +260,7 @@ class _TopKHead(torch.autograd.Function):
         dtype = compute_dtype(hidden)
         with maybe_gather_lm_head_ctx(weight, bias):
             grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
-            buf = torch.empty((min(hidden.shape[0], tiling.tokens), tiling.vocab), device=hidden.device, dtype=dtype)
+            buf = tiling.buffer(hidden.shape[0], weight.shape[0], hidden.device, dtype)
             for rows in tiling.rows(hidden.shape[0]):
                 h = hidden[rows].to(dtype)
                 for start, end in tiling.columns(weight.shape[0]):
@@ -284,8 +288,7 @@ class _ExactKLHead(torch.autograd.Function):
         stats = PairStats(n, device)
         top = RunningTopK(n, top_k, device)
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
-            s_buf, t_buf = (torch.empty((min(n, tiling.tokens), tiling.vocab), device=device, dtype=torch.float32)
-                            for _ in range(2))
+            s_buf, t_buf = (tiling.buffer(n, weight.shape[0], device, torch.float32) for _ in range(2))
             for rows in tiling.rows(n):
                 h, h_ref = hidden[rows].to(dtype), ref_hidden[rows].to(ref_dtype)
                 for start, end in tiling.columns(weight.shape[0]):
@@ -327,13 +330,9 @@ class _ExactKLHead(torch.autograd.Function):
         dtype, ref_dtype = compute_dtype(hidden), compute_dtype(ref_hidden)
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
             grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
-
-            def tile_buffer() -> torch.Tensor:
-                return torch.empty((min(n, tiling.tokens), tiling.vocab), device=device, dtype=torch.float32)
-
-            s_buf = tile_buffer()
-            t_buf = None if grad_kl is None else tile_buffer()
-            c_buf = tile_buffer() if two_kernels else None
+            s_buf = tiling.buffer(n, weight.shape[0], device, torch.float32)
+            t_buf = None if grad_kl is None else tiling.buffer(n, weight.shape[0], device, torch.float32)
+            c_buf = tiling.buffer(n, weight.shape[0], device, torch.float32) if two_kernels else None
             for rows in tiling.rows(n):
                 h, h_ref = hidden[rows].to(dtype), ref_hidden[rows].to(ref_dtype)
                 for start, end in tiling.columns(weight.shape[0]):
