@@ -15,7 +15,7 @@ from tike_trl.estimators import exact_kl, importance_ratio, kl_estimate, truncat
 from tike_trl.kernels import HeadSpec, RefHead, Tiling, policy_head, reference_logprobs
 from tike_trl.kernels.topk import tile_topk
 
-TILING = Tiling(tokens=16, vocab=64, block=8)
+TILING = Tiling(tokens=16, vocab=64, block=8, pair_tokens=16)
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])]
 SPECS = [HeadSpec(), HeadSpec(temperature=0.7, logit_scale=1.3, softcap=5.0)]

@@ -20,7 +20,7 @@ terms in one pass over the tile, leaving g_o at the label and g_i at S to the sp
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,11 +42,14 @@ from .trl_tiles import (
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tile sizes of a pass; TRL's by default. `block` is the column block of the top-k select."""
+    """Tile sizes of a pass; TRL's by default. `block` is the column block of the top-k select.
+    `pair_tokens` is the token rows of the exact-KL head's tiles, which are fp32 and come in pairs
+    (policy and reference): a quarter of TRL's rows keeps the pair at the bytes of TRL's bf16 tile."""
 
     tokens: int = TOKEN_CHUNK_SIZE
     vocab: int = VOCAB_CHUNK_SIZE
     block: int = BLOCK
+    pair_tokens: int = TOKEN_CHUNK_SIZE // 4
 
     def rows(self, n: int) -> Iterator[slice]:
         for start in range(0, n, self.tokens):
@@ -109,7 +112,8 @@ def policy_head(
             f"policy's ({hidden.shape[0]} rows, vocabulary {weight.shape[0]})."
         )
     outputs = _ExactKLHead.apply(hidden, weight, bias, targets, ref.hidden.detach(), ref.weight.detach(),
-                                 None if ref.bias is None else ref.bias.detach(), spec, ref.spec, top_k, tiling)
+                                 None if ref.bias is None else ref.bias.detach(), spec, ref.spec, top_k,
+                                 replace(tiling, tokens=tiling.pair_tokens))
     return HeadOutputs(*outputs)
 
 
