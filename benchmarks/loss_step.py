@@ -171,7 +171,7 @@ def _trainer_args(config_cls: type, mode: Mode, workdir: Path) -> GRPOConfig:
     return config_cls(
         output_dir=str(workdir / "out"), per_device_train_batch_size=mode.batch, num_generations=2,
         max_completion_length=mode.completion, beta=BETA, bf16=mode.dtype == "bfloat16",
-        use_cpu=mode.device == "cpu", gradient_checkpointing=True, model_init_kwargs={"dtype": mode.dtype},
+        use_cpu=mode.device == "cpu", model_init_kwargs={"dtype": mode.dtype},
         report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
     )
 
@@ -215,6 +215,7 @@ def build(mode: Mode, workdir: Path) -> Bench:
     for trainer in (trl_trainer, ours, naive):
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1
+    _checkpoint_layers(trl_trainer.model)
 
     bench = Bench(mode, device)
     bench.variants = [
@@ -226,6 +227,14 @@ def build(mode: Mode, workdir: Path) -> Bench:
         Variant("rb naive", None, naive, "rb"),
     ]
     return bench
+
+
+def _checkpoint_layers(model: torch.nn.Module) -> None:
+    """Gradient checkpointing, as in a TRL run (GRPOConfig's default). Recent transformers turn it
+    on when the Trainer is built, older ones only in `train()`, which the benchmark never calls."""
+    if not model.is_gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
 
 
 def measure(bench: Bench, inputs: dict) -> list[dict]:
@@ -352,6 +361,7 @@ def run(mode: Mode, out_dir: Path, plot_path: Path | None) -> dict:
         with tempfile.TemporaryDirectory(prefix="tike-bench-") as tmp, \
                 freed_memory_kept() if device.type == "cpu" else nullcontext(False) as kept:
             bench = build(mode, Path(tmp))
+            checkpointing = bench.variants[0].trainer.model.is_gradient_checkpointing
             rows = measure(bench, synthetic_batch(mode, mode.batch, device))
             fits = largest_fits(bench) if mode.fit_batches else []
         load_after = os.getloadavg()
@@ -363,7 +373,7 @@ def run(mode: Mode, out_dir: Path, plot_path: Path | None) -> dict:
         "mode": mode.name, **env, "geometry": asdict(mode.geometry), "dtype": mode.dtype,
         "micro_batch": {"sequences": mode.batch, "prompt": mode.prompt, "completion": mode.completion,
                         "tokens": mode.tokens},
-        "gradient_checkpointing": True, "beta": BETA, "repeats": mode.repeats, "warmup": mode.warmup,
+        "gradient_checkpointing": checkpointing, "beta": BETA, "repeats": mode.repeats, "warmup": mode.warmup,
         "memory_measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
         "tensor bytes alive at the start (models, batch) + peak of torch.profiler's CPU allocation trace",
         "load_average_1min": {"before": load_before[0], "after": load_after[0]},

@@ -34,7 +34,7 @@ def test_smoke_run_writes_json_table_and_plot(smoke):
     saved = json.loads((out / "smoke.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert {(r["variant"], r["k"]) for r in saved["rows"]} == VARIANTS
-    assert saved["repeats"] >= 5 and saved["warmup"] >= 1
+    assert saved["repeats"] >= 5 and saved["warmup"] >= 1 and saved["gradient_checkpointing"] is True
     for row in saved["rows"]:
         assert ROW_KEYS <= row.keys() and not row["oom"]
         assert row["tokens"] == SMOKE.batch * (SMOKE.prompt + SMOKE.completion)
