@@ -232,9 +232,14 @@ def build(mode: Mode, workdir: Path) -> Bench:
 def _checkpoint_layers(model: torch.nn.Module) -> None:
     """Gradient checkpointing, as in a TRL run (GRPOConfig's default). Recent transformers turn it
     on when the Trainer is built, older ones only in `train()`, which the benchmark never calls."""
-    if not model.is_gradient_checkpointing:
+    if not _is_checkpointing(model):
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+
+
+def _is_checkpointing(model: torch.nn.Module) -> bool:
+    flag = getattr(model, "is_activation_checkpointing", None)  # recent transformers' name
+    return bool(model.is_gradient_checkpointing if flag is None else flag)
 
 
 def measure(bench: Bench, inputs: dict) -> list[dict]:
@@ -361,7 +366,7 @@ def run(mode: Mode, out_dir: Path, plot_path: Path | None) -> dict:
         with tempfile.TemporaryDirectory(prefix="tike-bench-") as tmp, \
                 freed_memory_kept() if device.type == "cpu" else nullcontext(False) as kept:
             bench = build(mode, Path(tmp))
-            checkpointing = bench.variants[0].trainer.model.is_gradient_checkpointing
+            checkpointing = _is_checkpointing(bench.variants[0].trainer.model)
             rows = measure(bench, synthetic_batch(mode, mode.batch, device))
             fits = largest_fits(bench) if mode.fit_batches else []
         load_after = os.getloadavg()
