@@ -157,11 +157,15 @@ def test_minus_inf_logits_padded_vocabulary(device):
         assert torch.isfinite(g).all()
 
 
-def test_empty_input_all_masked_micro_batch():
+@pytest.mark.parametrize("exact", [False, True], ids=["topk-head", "exact-kl-head"])
+def test_empty_input_all_masked_micro_batch(exact):
+    """TRL's fused head on CUDA scores only the labelled rows: an all-masked micro-batch gives none."""
     hidden, weight, bias, targets = make_head(n=0)
-    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=4, tiling=TILING)
+    ref = RefHead(hidden.detach(), weight.detach()) if exact else None
+    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=4, ref=ref, tiling=TILING)
     assert out.logprob.shape == (0,) and out.topk_indices.shape == (0, 4)
-    g = grads(out.logprob.sum() + out.topk_logprobs.sum(), (hidden, weight))
+    loss = out.logprob.sum() + out.topk_logprobs.sum() + (out.exact_kl.sum() if exact else 0)
+    g = grads(loss, (hidden, weight))
     assert g[0].shape == (0, 12) and torch.count_nonzero(g[1]) == 0
 
 
