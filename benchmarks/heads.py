@@ -21,10 +21,13 @@ from tike_trl.fused_head import TIKEHead
 from tike_trl.kernels import HeadOutputs, HeadSpec, RefHead, Tiling
 
 
-def dense_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   spec: HeadSpec) -> torch.Tensor:
-    """log_softmax of the full `[rows, vocab]` logits, as `model(...).logits` code computes them."""
-    return F.log_softmax(spec.transform(F.linear(hidden, weight, bias)), dim=-1)
+def dense_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: HeadSpec,
+                      label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_softmax of the full `[rows, vocab]` logits, as code reading `model(...).logits` computes
+    it, and log Z (from the label's column; the logits are freed on return)."""
+    logits = spec.transform(F.linear(hidden, weight, bias))
+    logp = F.log_softmax(logits, dim=-1)
+    return logp, (logits.gather(1, label) - logp.gather(1, label)).squeeze(1).detach()
 
 
 class DenseHead(TIKEHead):
@@ -32,18 +35,17 @@ class DenseHead(TIKEHead):
 
     def evaluate(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                  spec: HeadSpec, ref: RefHead, tiling: Tiling) -> tuple[HeadOutputs, torch.Tensor | None]:
-        logp = dense_logprobs(hidden, weight, bias, spec)
+        label = targets[:, None]
+        logp, log_z = dense_log_softmax(hidden, weight, bias, spec, label)
         with torch.no_grad():
-            logq = dense_logprobs(ref.hidden, ref.weight, ref.bias, ref.spec)
-        entropy = -(logp.exp() * logp).sum(-1)
+            logq, _ = dense_log_softmax(ref.hidden, ref.weight, ref.bias, ref.spec, label)
         topk_logprobs, topk_indices = logp.topk(self.top_k, dim=-1)  # k = 0 (rb): empty
-        out = HeadOutputs(logprob=logp.gather(1, targets[:, None]).squeeze(1), entropy=entropy,
-                          topk_logprobs=topk_logprobs, topk_indices=topk_indices,
-                          log_z=torch.zeros_like(entropy).detach(),  # unused by the trainer
+        out = HeadOutputs(logprob=logp.gather(1, label).squeeze(1), entropy=-(logp.exp() * logp).sum(-1),
+                          topk_logprobs=topk_logprobs, topk_indices=topk_indices, log_z=log_z,
                           exact_kl=exact_kl(logp, logq) if self.exact_kl else None)
         if not self.top_k:
             return out, None
-        return out, logq.gather(1, torch.cat([topk_indices, targets[:, None]], dim=1))
+        return out, logq.gather(1, torch.cat([topk_indices, label], dim=1))
 
 
 class DenseHeadTrainer(TIKEGRPOTrainer):

@@ -168,7 +168,7 @@ def _sparse_terms(top_idx: torch.Tensor, targets: torch.Tensor, grad_logprob: to
                   grad_topk: torch.Tensor | None, label_in_kernel: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Columns S ∪ {o} ([N, k+1]) and their sparse weights: g_i at i∈S and, at the label, −Σ_i g_i
     when the dense kernel forms G·1[j=o] itself (`label_in_kernel`), else g_o. None if all zero."""
-    if label_in_kernel and grad_topk is None:
+    if grad_topk is None and (label_in_kernel or grad_logprob is None):
         return None
     if label_in_kernel:
         label = -grad_topk.float().sum(dim=1)
