@@ -15,7 +15,7 @@ from tike_trl.estimators import exact_kl, importance_ratio, kl_estimate, truncat
 from tike_trl.kernels import HeadSpec, RefHead, Tiling, policy_head, reference_logprobs
 from tike_trl.kernels.topk import tile_topk
 
-TILING = Tiling(tokens=16, vocab=64, block=8)
+TILING = Tiling(tokens=16, vocab=64, block=8, pair_tokens=16)
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])]
 SPECS = [HeadSpec(), HeadSpec(temperature=0.7, logit_scale=1.3, softcap=5.0)]
@@ -134,7 +134,7 @@ def test_tile_topk_block_select_matches_full_topk_values():
     tile = torch.randn(9, 1000, generator=g).round(decimals=1)  # many ties
     for k in (1, 3, 16, 60):
         values, columns = tile_topk(tile, k, block=8)
-        torch.testing.assert_close(values, tile.topk(k).values)
+        torch.testing.assert_close(values.sort(-1, descending=True).values, tile.topk(k).values)  # in any order
         assert_valid_topk(columns, tile, k)
 
 
@@ -157,23 +157,30 @@ def test_minus_inf_logits_padded_vocabulary(device):
         assert torch.isfinite(g).all()
 
 
-def test_empty_input_all_masked_micro_batch():
+@pytest.mark.parametrize("exact", [False, True], ids=["topk-head", "exact-kl-head"])
+def test_empty_input_all_masked_micro_batch(exact):
+    """TRL's fused head on CUDA scores only the labelled rows: an all-masked micro-batch gives none."""
     hidden, weight, bias, targets = make_head(n=0)
-    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=4, tiling=TILING)
+    ref = RefHead(hidden.detach(), weight.detach()) if exact else None
+    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=4, ref=ref, tiling=TILING)
     assert out.logprob.shape == (0,) and out.topk_indices.shape == (0, 4)
-    g = grads(out.logprob.sum() + out.topk_logprobs.sum(), (hidden, weight))
+    loss = out.logprob.sum() + out.topk_logprobs.sum() + (out.exact_kl.sum() if exact else 0)
+    g = grads(loss, (hidden, weight))
     assert g[0].shape == (0, 12) and torch.count_nonzero(g[1]) == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("spec", SPECS, ids=["plain", "scale-softcap-temp"])
-def test_reference_logprobs(device, spec):
-    hidden, weight, bias, targets = make_head(device=device, seed=5)
+def test_reference_logprobs(device, dtype, spec):
+    """bf16: the reference tiles are bf16 like TRL's reference head; log-probs come back fp32."""
+    hidden, weight, bias, targets = make_head(device=device, seed=5, dtype=dtype)
     indices = torch.randint(0, 203, (37, 5), generator=torch.Generator().manual_seed(6)).to(device)
     got = reference_logprobs(hidden, weight, bias, indices, spec, TILING)
     want = F.log_softmax(dense_logits(hidden, weight, bias, spec), -1).gather(1, indices)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
-    assert not got.requires_grad
+    assert got.dtype == torch.float32 and not got.requires_grad
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(got, want.detach(), **tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -212,6 +219,54 @@ def test_exact_kl_head_only_kl_gradient():
     for a, b in zip(grads(out.exact_kl.sum(), (hidden, weight, bias)), grads(exact_kl(logp, logq).sum(),
                                                                                 (hidden, weight, bias))):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("zero_kl_grad_rows", ["none", "masked", "kl-only"])
+def test_exact_kl_head_one_kernel_backward(device, zero_kl_grad_rows):
+    """No entropy gradient (as in GRPO): the KL kernel also forms the dense log-prob terms.
+    "masked": some rows have no gradient at all (padding); "kl-only": some rows have a log-prob
+    gradient but no KL gradient, where that cannot apply and the two-kernel backward runs."""
+    hidden, weight, bias, targets = make_head(device=device)
+    ref_h, ref_w, ref_b, _ = make_head(device=device, seed=12)
+    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=4,
+                      ref=RefHead(ref_h.detach(), ref_w.detach(), ref_b.detach()), tiling=TILING)
+    g = torch.Generator().manual_seed(13)
+    g_d, g_o, g_s = (torch.randn(s, generator=g).to(device) for s in [(37,), (37,), (37, 4)])
+    if zero_kl_grad_rows != "none":
+        g_d[::3] = 0.0
+    if zero_kl_grad_rows == "masked":
+        g_o[::3], g_s[::3] = 0.0, 0.0
+    loss = (out.exact_kl * g_d).sum() + (out.logprob * g_o).sum() + (out.topk_logprobs * g_s).sum()
+    logp = F.log_softmax(dense_logits(hidden, weight, bias, HeadSpec()), -1)
+    logq = F.log_softmax(dense_logits(ref_h, ref_w, ref_b, HeadSpec()), -1).detach()
+    dense = ((exact_kl(logp, logq) * g_d).sum() + (logp.gather(1, targets[:, None]).squeeze(1) * g_o).sum()
+             + (logp.gather(1, out.topk_indices) * g_s).sum())
+    for a, b in zip(grads(loss, (hidden, weight, bias)), grads(dense, (hidden, weight, bias))):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_kl_head_minus_inf_logits(device):
+    """Padded vocabulary rows (bias -inf in both heads): no mass, no KL, finite gradients equal
+    to the dense formulas'."""
+    hidden, weight, bias, targets = make_head(device=device)
+    ref_h, ref_w, ref_b, _ = make_head(device=device, seed=14)
+    with torch.no_grad():
+        bias[180:] = float("-inf")
+        ref_b[180:] = float("-inf")
+    targets = targets % 180
+    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=16,
+                      ref=RefHead(ref_h.detach(), ref_w.detach(), ref_b.detach()), tiling=TILING)
+    logp = F.log_softmax(dense_logits(hidden, weight, bias, HeadSpec()), -1)
+    logq = F.log_softmax(dense_logits(ref_h, ref_w, ref_b, HeadSpec()), -1).detach()
+    assert (out.topk_indices < 180).all()
+    torch.testing.assert_close(out.exact_kl, exact_kl(logp, logq), atol=2e-5, rtol=1e-5)
+    loss = out.exact_kl.sum() + out.logprob.sum() + out.topk_logprobs.sum()
+    dense = exact_kl(logp, logq).sum() + logp.gather(1, targets[:, None]).sum() + logp.gather(1, out.topk_indices).sum()
+    for a, b in zip(grads(loss, (hidden, weight, bias)), grads(dense, (hidden, weight, bias))):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, torch.nan_to_num(b, nan=0.0), atol=5e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("tail", ["sampled", "drop", "mc"])

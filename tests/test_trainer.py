@@ -12,8 +12,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
+from benchmarks.heads import DenseHeadTrainer
 from tike_trl import TIKEConfig, TIKEGRPOTrainer
-from tiny import load_tokenizer, prompt_dataset, reward_length
+from tiny import load_tokenizer, prompt_dataset, reward_length, save_tiny_model
 
 COMMON = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=2,
               learning_rate=5e-2, logging_steps=1, report_to="none", use_cpu=True, bf16=False, save_strategy="no",
@@ -145,6 +146,36 @@ def test_k3_equals_trl(tiny_model_dir, tmp_path, loss_type, sequence_level):
         torch.testing.assert_close(g_ours, g_trl, atol=1e-6, rtol=1e-5)
     assert trl_trainer._metrics["train"]["kl"][-1] == pytest.approx(ours._metrics["train"]["kl"][-1], rel=1e-5)
     assert trl_trainer._metrics["train"]["kl"][-1] > 1e-4
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-tied"), tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("estimator,tail", [("rb", "sampled"), ("tike", "sampled"), ("tike", "drop"), ("tike", "mc")])
+def test_tiled_head_equals_dense_head_tied_embeddings(tied_model_dir, tmp_path, estimator, tail):
+    """Through the trainer, on a model whose LM head is its input embedding: our tiled head gives
+    the loss and gradients of the naive head that materialises both models' log_softmax (the
+    benchmarks' `DenseHead`, built on `tike_trl.estimators`), off-policy."""
+    _, inputs = _fixed_batch(tied_model_dir, tmp_path)
+    inputs = {**inputs, "old_per_token_logps": inputs["ref_per_token_logps"] - 0.1 * torch.rand_like(
+        inputs["ref_per_token_logps"], generator=torch.Generator().manual_seed(2))}
+    options = dict(kl_estimator=estimator, tike_tail=tail, tike_top_k=4)
+    tiled = make_trainer(tied_model_dir, tmp_path, **options)
+    dense = make_trainer(tied_model_dir, tmp_path, cls=DenseHeadTrainer, **options)
+    assert tiled.model.get_output_embeddings().weight is tiled.model.get_input_embeddings().weight
+    with torch.no_grad():  # the same move away from the reference for both
+        for p_tiled, p_dense in zip(tiled.model.parameters(), dense.model.parameters()):
+            p_tiled.add_(0.3 * torch.randn(p_tiled.shape, generator=torch.Generator().manual_seed(p_tiled.numel())))
+            p_dense.copy_(p_tiled)
+    loss_tiled, grads_tiled = _loss_and_grads(tiled, inputs)
+    loss_dense, grads_dense = _loss_and_grads(dense, inputs)
+    assert tiled._metrics["train"]["kl"][-1] > 1e-4
+    assert tiled._metrics["train"]["kl"][-1] == pytest.approx(dense._metrics["train"]["kl"][-1], rel=1e-5)
+    torch.testing.assert_close(loss_tiled, loss_dense, atol=1e-6, rtol=1e-5)
+    for g_tiled, g_dense in zip(grads_tiled, grads_dense):
+        torch.testing.assert_close(g_tiled, g_dense, atol=1e-6, rtol=1e-4)
 
 
 def _count_forwards(trainer) -> dict[str, int]:

@@ -76,15 +76,20 @@ class TIKEHead:
         _check_outputs(outputs)
         if len(self.results) >= len(self.refs):
             raise RuntimeError("More policy head calls than captured reference heads: the forwards are misaligned.")
-        ref = self.refs[len(self.results)]
-        out = policy_head(hidden, weight, bias, targets, _spec(temperature, softcap, logit_scale), self.top_k,
-                          ref if self.exact_kl else None, Tiling(vocab=chunk_size), self.top_k_vocab)
-        ref_logprobs = None
-        if self.top_k:
-            indices = torch.cat([out.topk_indices, targets.unsqueeze(1)], dim=1)
-            ref_logprobs = reference_logprobs(ref.hidden, ref.weight, ref.bias, indices, ref.spec, Tiling(vocab=chunk_size))
+        out, ref_logprobs = self.evaluate(hidden, weight, bias, targets, _spec(temperature, softcap, logit_scale),
+                                          self.refs[len(self.results)], Tiling(vocab=chunk_size))
         self.results.append((out, ref_logprobs))
         return out.logprob, (out.entropy if "entropy" in outputs else None), None, None, None
+
+    def evaluate(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 spec: HeadSpec, ref: RefHead, tiling: Tiling) -> tuple[HeadOutputs, torch.Tensor | None]:
+        """The policy head's outputs on these rows, and log π_ref at [top-k, label] (None without top-k)."""
+        out = policy_head(hidden, weight, bias, targets, spec, self.top_k, ref if self.exact_kl else None, tiling,
+                          self.top_k_vocab)
+        if not self.top_k:
+            return out, None
+        indices = torch.cat([out.topk_indices, targets.unsqueeze(1)], dim=1)
+        return out, reference_logprobs(ref.hidden, ref.weight, ref.bias, indices, ref.spec, tiling)
 
 
 def rows_to_completion(rows: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:

@@ -140,16 +140,20 @@ class TIKEGRPOTrainer(GRPOTrainer):
                                             compute_entropy, **kwargs)
             self._kl_terms = self._sampled_token_terms(logps, inputs)
             return logps, entropies, aux
-        refs = self._reference_heads(input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
-        # on exact-KL logging steps, the one policy pass returns the top-k AND the exact KL
-        exact_step = self._logs_exact_kl()
-        head = TIKEHead(refs, top_k=self.args.tike_top_k if self.args.kl_estimator == "tike" or exact_step else 0,
-                        exact_kl=self.args.kl_estimator == "rb" or exact_step, top_k_vocab=self._top_k_vocab)
+        head = self._loss_head(self._reference_heads(input_ids, attention_mask, logits_to_keep, batch_size, **kwargs))
         with replace_head_kernel(head):
             logps, entropies, aux = forward(model, input_ids, attention_mask, logits_to_keep, batch_size,
                                             compute_entropy, **kwargs)
         self._kl_terms = self._head_terms(head, logps, inputs, attention_mask, logits_to_keep, batch_size)
         return logps, entropies, aux
+
+    def _loss_head(self, refs: list[RefHead]) -> TIKEHead:
+        """What stands in for TRL's head kernel during the loss's policy forward (the benchmarks
+        override it with a naive, materialising head). On exact-KL logging steps the one policy
+        pass returns the top-k and the exact KL."""
+        exact_step = self._logs_exact_kl()
+        return TIKEHead(refs, top_k=self.args.tike_top_k if self.args.kl_estimator == "tike" or exact_step else 0,
+                        exact_kl=self.args.kl_estimator == "rb" or exact_step, top_k_vocab=self._top_k_vocab)
 
     @torch.no_grad()
     def _reference_heads(self, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs) -> list[RefHead]:

@@ -10,12 +10,17 @@ log-probs), g_H (entropy) and g_D (exact KL), the logits gradient of a row is
 TRL's backward kernel already forms G·(1[j=o] − p_j) and the entropy term; passing
 G = g_o + Σ_i g_i leaves only a sparse correction at the k+1 columns S ∪ {o}, added here. The
 index choice S carries no gradient (DESIGN §2).
+
+With a reference head (the exact KL), TRL's divergence kernel forms g_D·p_j(ℓ_j − a) for any
+per-row a. Without an entropy gradient (TRL's GRPO logs the entropy, it does not train on it),
+a = D + G/g_D makes it g_D·p_j(ℓ_j − D) − G·p_j: the KL term and the dense part of the log-prob
+terms in one pass over the tile, leaving g_o at the label and g_i at S to the sparse correction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,11 +42,14 @@ from .trl_tiles import (
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tile sizes of a pass; TRL's by default. `block` is the column block of the top-k select."""
+    """Tile sizes of a pass; TRL's by default. `block` is the column block of the top-k select.
+    `pair_tokens` is the token rows of the exact-KL head's tiles, which are fp32 and come in pairs
+    (policy and reference): a quarter of TRL's rows keeps the pair at the bytes of TRL's bf16 tile."""
 
     tokens: int = TOKEN_CHUNK_SIZE
     vocab: int = VOCAB_CHUNK_SIZE
     block: int = BLOCK
+    pair_tokens: int = TOKEN_CHUNK_SIZE // 4
 
     def rows(self, n: int) -> Iterator[slice]:
         for start in range(0, n, self.tokens):
@@ -50,6 +58,10 @@ class Tiling:
     def columns(self, vocab: int) -> Iterator[tuple[int, int]]:
         for start in range(0, vocab, self.vocab):
             yield start, min(start + self.vocab, vocab)
+
+    def buffer(self, n: int, vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """One tile's storage, reused across the pass (no wider than the vocabulary)."""
+        return torch.empty((min(n, self.tokens), min(vocab, self.vocab)), device=device, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,7 @@ class HeadOutputs:
 
     logprob: torch.Tensor  # [N] log p(label)
     entropy: torch.Tensor  # [N]
-    topk_logprobs: torch.Tensor  # [N, k]
+    topk_logprobs: torch.Tensor  # [N, k], in no particular order
     topk_indices: torch.Tensor  # [N, k], no gradient
     log_z: torch.Tensor  # [N], no gradient
     exact_kl: torch.Tensor | None = None  # [N] Σ_v p_v ℓ_v, when a reference head was given
@@ -108,7 +120,7 @@ def policy_head(
     # the reference weight and bias go in as they are: `detach()` would make new tensors without the
     # ZeRO-3 attributes that the gather needs; the Function returns no gradient for them anyway
     outputs = _ExactKLHead.apply(hidden, weight, bias, targets, ref.hidden.detach(), ref.weight, ref.bias, spec,
-                                 ref.spec, top_k, tiling, top_k_vocab)
+                                 ref.spec, top_k, replace(tiling, tokens=tiling.pair_tokens), top_k_vocab)
     return HeadOutputs(*outputs)
 
 
@@ -148,21 +160,51 @@ def _label_targets(targets: torch.Tensor, rows: slice, vocab_start: int, tile: t
     return local, (local >= 0) & (local < tile.shape[1])
 
 
-class _SparseTopKGrad:
-    """The gradient of the top-k log-probs beyond what TRL's kernel forms: +g_i·dz/dy at each i∈S,
-    −(Σ_i g_i)·dz/dy at the label. Gathered from the raw tile before the kernel overwrites it."""
+class _SparseGrad:
+    """The part of a logits gradient a dense kernel does not form: weights w at a few vocabulary
+    columns per row (the label, the top-k), added as w·dz/dy. dz/dy is gathered from the raw
+    tile, before the kernel overwrites it."""
 
-    def __init__(self, tile: torch.Tensor, rows: slice, vocab_start: int, top_idx: torch.Tensor,
-                 targets: torch.Tensor, grad_topk: torch.Tensor, spec: HeadSpec) -> None:
-        columns = torch.cat([top_idx[rows], targets[rows].unsqueeze(1)], dim=1) - vocab_start
-        g = grad_topk[rows].float()
-        values = torch.cat([g, -g.sum(dim=1, keepdim=True)], dim=1)
-        in_tile = (columns >= 0) & (columns < tile.shape[1])
-        self.columns = columns.clamp(0, tile.shape[1] - 1)
-        self.values = torch.where(in_tile, values, 0.0) * spec.dlogit_draw(tile.gather(1, self.columns))
+    def __init__(self, tile: torch.Tensor, rows: slice, vocab_start: int, columns: torch.Tensor,
+                 weights: torch.Tensor, spec: HeadSpec) -> None:
+        local = columns[rows] - vocab_start
+        in_tile = (local >= 0) & (local < tile.shape[1])
+        self.columns = local.clamp(0, tile.shape[1] - 1)
+        self.values = torch.where(in_tile, weights[rows], 0.0) * spec.dlogit_draw(tile.gather(1, self.columns))
 
     def add_to(self, grad_tile: torch.Tensor) -> None:
         grad_tile.scatter_add_(1, self.columns, self.values.to(grad_tile.dtype))
+
+
+def _sparse_terms(top_idx: torch.Tensor, targets: torch.Tensor, grad_logprob: torch.Tensor | None,
+                  grad_topk: torch.Tensor | None, label_in_kernel: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Columns S ∪ {o} ([N, k+1]) and their sparse weights: g_i at i∈S and, at the label, −Σ_i g_i
+    when the dense kernel forms G·1[j=o] itself (`label_in_kernel`), else g_o. None if all zero."""
+    if grad_topk is None and (label_in_kernel or grad_logprob is None):
+        return None
+    if label_in_kernel:
+        label = -grad_topk.float().sum(dim=1)
+    else:
+        label = torch.zeros(targets.shape, device=targets.device) if grad_logprob is None else grad_logprob.float()
+    if grad_topk is None:
+        return targets.unsqueeze(1), label.unsqueeze(1)
+    return (torch.cat([top_idx, targets.unsqueeze(1)], dim=1),
+            torch.cat([grad_topk.float(), label.unsqueeze(1)], dim=1))
+
+
+def _kl_kernel_shift(kl: torch.Tensor, grad_kl: torch.Tensor | None, grad_label: torch.Tensor | None,
+                     grad_entropy: torch.Tensor | None) -> torch.Tensor | None:
+    """a = D + G/g_D per row, for the divergence kernel to form the KL and the dense log-prob terms
+    in one pass (module docstring); None where it cannot: an entropy gradient, no KL gradient, or a
+    row whose KL gradient is 0 while G is not."""
+    if grad_kl is None or grad_entropy is not None:
+        return None
+    if grad_label is None:
+        return kl
+    no_kl_grad = grad_kl == 0
+    if bool((no_kl_grad & (grad_label != 0)).any()):
+        return None
+    return kl + torch.where(no_kl_grad, 0.0, grad_label / torch.where(no_kl_grad, 1.0, grad_kl))
 
 
 class _Grads:
@@ -207,7 +249,7 @@ class _TopKHead(torch.autograd.Function):
         lse = LogSumExp(n, device)
         top = RunningTopK(n, top_k, device, top_k_vocab)
         with maybe_gather_lm_head_ctx(weight, bias):
-            buf = torch.empty((min(n, tiling.tokens), tiling.vocab), device=device, dtype=dtype)
+            buf = tiling.buffer(n, weight.shape[0], device, dtype)
             for rows in tiling.rows(n):
                 h = hidden[rows].to(dtype)
                 for start, end in tiling.columns(weight.shape[0]):
@@ -231,16 +273,16 @@ class _TopKHead(torch.autograd.Function):
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
         if grad_label is None and grad_entropy is None:
             return (None,) * 8
+        terms = _sparse_terms(top_idx, targets, grad_logprob, grad_topk, label_in_kernel=True)
         dtype = compute_dtype(hidden)
         with maybe_gather_lm_head_ctx(weight, bias):
             grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
-            buf = torch.empty((min(hidden.shape[0], tiling.tokens), tiling.vocab), device=hidden.device, dtype=dtype)
+            buf = tiling.buffer(hidden.shape[0], weight.shape[0], hidden.device, dtype)
             for rows in tiling.rows(hidden.shape[0]):
                 h = hidden[rows].to(dtype)
                 for start, end in tiling.columns(weight.shape[0]):
                     tile = _project(buf, h, weight, bias, start, end)
-                    sparse = None if grad_topk is None else _SparseTopKGrad(tile, rows, start, top_idx, targets,
-                                                                            grad_topk, spec)
+                    sparse = None if terms is None else _SparseGrad(tile, rows, start, *terms, spec)
                     backward_logprob_tile(tile, targets[rows], log_z[rows], entropy[rows],
                                           None if grad_label is None else grad_label[rows],
                                           None if grad_entropy is None else grad_entropy[rows], start, spec)
@@ -263,8 +305,7 @@ class _ExactKLHead(torch.autograd.Function):
         stats = PairStats(n, device)
         top = RunningTopK(n, top_k, device, top_k_vocab)
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
-            s_buf, t_buf = (torch.empty((min(n, tiling.tokens), tiling.vocab), device=device, dtype=torch.float32)
-                            for _ in range(2))
+            s_buf, t_buf = (tiling.buffer(n, weight.shape[0], device, torch.float32) for _ in range(2))
             for rows in tiling.rows(n):
                 h, h_ref = hidden[rows].to(dtype), ref_hidden[rows].to(ref_dtype)
                 for start, end in tiling.columns(weight.shape[0]):
@@ -298,30 +339,33 @@ class _ExactKLHead(torch.autograd.Function):
         has_logprob_terms = grad_label is not None or grad_entropy is not None
         if not has_logprob_terms and grad_kl is None:
             return (None,) * 12
+        shift = _kl_kernel_shift(kl, grad_kl, grad_label, grad_entropy)
+        terms = _sparse_terms(top_idx, targets, grad_logprob, grad_topk, label_in_kernel=shift is None)
+        # both kernels overwrite their tile with a gradient: when both run, the log-prob terms go to a copy
+        two_kernels = shift is None and grad_kl is not None and has_logprob_terms
         n, device = hidden.shape[0], hidden.device
         dtype, ref_dtype = compute_dtype(hidden), compute_dtype(ref_hidden)
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
             grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
-            s_buf, t_buf, c_buf = (torch.empty((min(n, tiling.tokens), tiling.vocab), device=device,
-                                               dtype=torch.float32) for _ in range(3))
+            s_buf = tiling.buffer(n, weight.shape[0], device, torch.float32)
+            t_buf = None if grad_kl is None else tiling.buffer(n, weight.shape[0], device, torch.float32)
+            c_buf = tiling.buffer(n, weight.shape[0], device, torch.float32) if two_kernels else None
             for rows in tiling.rows(n):
                 h, h_ref = hidden[rows].to(dtype), ref_hidden[rows].to(ref_dtype)
                 for start, end in tiling.columns(weight.shape[0]):
                     s_tile = s_buf[: h.shape[0], : end - start]
                     _project_fp32(s_tile, h, weight, bias, start, end, dtype)
-                    sparse = None if grad_topk is None else _SparseTopKGrad(s_tile, rows, start, top_idx, targets,
-                                                                            grad_topk, spec)
-                    # both kernels overwrite their tile with a gradient: the log-prob terms go to a copy
+                    sparse = None if terms is None else _SparseGrad(s_tile, rows, start, *terms, spec)
                     logprob_tile = s_tile
+                    if two_kernels:
+                        logprob_tile = c_buf[: h.shape[0], : end - start]
+                        logprob_tile.copy_(s_tile)
                     if grad_kl is not None:
-                        if has_logprob_terms:
-                            logprob_tile = c_buf[: h.shape[0], : end - start]
-                            logprob_tile.copy_(s_tile)
                         t_tile = t_buf[: h.shape[0], : end - start]
                         _project_fp32(t_tile, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
-                        backward_pair_tile(s_tile, t_tile, log_z[rows], ref_log_z[rows], kl[rows], grad_kl[rows],
-                                           spec, ref_spec)
-                    if has_logprob_terms:
+                        backward_pair_tile(s_tile, t_tile, log_z[rows], ref_log_z[rows],
+                                           (kl if shift is None else shift)[rows], grad_kl[rows], spec, ref_spec)
+                    if shift is None and has_logprob_terms:
                         backward_logprob_tile(logprob_tile, targets[rows], log_z[rows], entropy[rows],
                                               None if grad_label is None else grad_label[rows],
                                               None if grad_entropy is None else grad_entropy[rows], start, spec)

@@ -28,7 +28,7 @@ def reference_logprobs(
     lse = LogSumExp(n, device)
     raw = torch.zeros(indices.shape, device=device, dtype=torch.float32)
     with maybe_gather_lm_head_ctx(weight, bias):
-        buf = torch.empty((min(n, tiling.tokens), tiling.vocab), device=device, dtype=dtype)
+        buf = tiling.buffer(n, weight.shape[0], device, dtype)
         for rows in tiling.rows(n):
             h = hidden[rows].to(dtype)
             for start, end in tiling.columns(weight.shape[0]):

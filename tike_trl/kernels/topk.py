@@ -17,18 +17,19 @@ BLOCK = 128
 
 
 def tile_topk(tile: torch.Tensor, k: int, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, column indices) of a top-k set of each row of `tile` ([n, cols]), k <= cols."""
+    """(values, column indices) of a top-k set of each row of `tile` ([n, cols]), k <= cols, in no
+    particular order (unsorted selects skip a sort of the k values)."""
     n, cols = tile.shape
     if k * block >= cols:
-        return tile.topk(k, dim=1)
+        return tile.topk(k, dim=1, sorted=False)
     full = cols // block * block
     block_max = tile[:, :full].unflatten(1, (full // block, block)).amax(dim=2)
     if full < cols:  # a last, partial block
         block_max = torch.cat([block_max, tile[:, full:].amax(dim=1, keepdim=True)], dim=1)
-    best_blocks = block_max.topk(k, dim=1).indices
+    best_blocks = block_max.topk(k, dim=1, sorted=False).indices
     columns = (best_blocks.unsqueeze(-1) * block + torch.arange(block, device=tile.device)).reshape(n, k * block)
     candidates = tile.gather(1, columns.clamp(max=cols - 1)).masked_fill(columns >= cols, float("-inf"))
-    values, pos = candidates.topk(k, dim=1)
+    values, pos = candidates.topk(k, dim=1, sorted=False)
     # a row with fewer than k finite logits may pick padding (-inf) slots: keep their columns valid
     return values, columns.gather(1, pos).clamp(max=cols - 1)
 
@@ -51,6 +52,6 @@ class RunningTopK:
         values, columns = tile_topk(tile, k, block)
         all_values = torch.cat([self.values[rows], values.float()], dim=1)
         all_indices = torch.cat([self.indices[rows], columns + vocab_start], dim=1)
-        best = all_values.topk(self.k, dim=1).indices
+        best = all_values.topk(self.k, dim=1, sorted=False).indices
         self.values[rows] = all_values.gather(1, best)
         self.indices[rows] = all_indices.gather(1, best)

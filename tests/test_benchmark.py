@@ -1,0 +1,115 @@
+"""The loss-step benchmark's own machinery (`benchmarks.loss_step`) at a tiny size: it runs, writes
+the JSON, table and plot it promises, every variant's numbers are finite, and the naive heads
+compute what the tiled ones do. No timing assertions: speed is the benchmark's output, not a test."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks.loss_step import MODES, Bench, largest_fits, main, markdown_table, measure, synthetic_batch
+from benchmarks.plot import plot_loss_step
+
+SMOKE = MODES["smoke"]
+VARIANTS = {("backbone", None), ("trl k3", None), *(("tike", k) for k in SMOKE.top_ks), ("rb tiled", None),
+            ("tike naive", 16), ("rb naive", None)}
+ROW_KEYS = {"variant", "k", "tokens", "peak_mem_bytes", "head_extra_mem_bytes", "time_s", "device", "versions"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = main(["--mode", "smoke", "--out-dir", str(out), "--plot", str(out / "plot.png")])
+    return out, result
+
+
+def test_smoke_run_writes_json_table_and_plot(smoke):
+    out, result = smoke
+    saved = json.loads((out / "smoke.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {(r["variant"], r["k"]) for r in saved["rows"]} == VARIANTS
+    assert saved["repeats"] >= 5 and saved["warmup"] >= 1 and saved["gradient_checkpointing"] is True
+    for row in saved["rows"]:
+        assert ROW_KEYS <= row.keys() and not row["oom"]
+        assert row["tokens"] == SMOKE.batch * (SMOKE.prompt + SMOKE.completion)
+        assert len(row["times_s"]) == saved["repeats"]
+        assert all(t > 0 and math.isfinite(t) for t in row["times_s"])
+        assert row["time_s"] == statistics.median(row["times_s"])
+        assert 0 < row["start_mem_bytes"] <= row["peak_mem_bytes"]
+        assert all(math.isfinite(row[key]) for key in ("loss", "kl", "cpu_time_s", "head_time_s"))
+        assert {"torch", "trl", "transformers", "tike_trl"} <= row["versions"].keys()
+    table = (out / "smoke.md").read_text()
+    assert table.count("\n| ") == len(VARIANTS) + 2  # header, rule, one line per variant
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_naive_and_tiled_heads_measure_the_same_computation(smoke):
+    rows = {(r["variant"], r["k"]): r for r in smoke[1]["rows"]}
+    assert rows["tike", 16]["kl"] > 0 and rows["rb tiled", None]["kl"] > 0  # the policy was moved off the reference
+    for naive, tiled in [(("tike naive", 16), ("tike", 16)), (("rb naive", None), ("rb tiled", None))]:
+        assert rows[naive]["kl"] == pytest.approx(rows[tiled]["kl"], rel=1e-4)
+        assert rows[naive]["loss"] == pytest.approx(rows[tiled]["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_head_extra_memory_is_measured_against_the_headless_step(smoke):
+    rows = smoke[1]["rows"]
+    backbone = next(r for r in rows if r["variant"] == "backbone")
+    assert backbone["head_extra_mem_bytes"] == 0
+    for row in rows:
+        assert row["head_extra_mem_bytes"] == row["peak_mem_bytes"] - backbone["peak_mem_bytes"]
+        if row is not backbone:
+            assert row["head_extra_mem_bytes"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")
+def test_gpu_mode_fails_fast_without_cuda(tmp_path):
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        main(["--mode", "gpu", "--out-dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
+@dataclass
+class _RunsOutAbove:
+    """A variant whose step runs out of memory above `limit` sequences."""
+
+    name: str
+    k: int | None
+    limit: int
+    trainer: object = field(default_factory=lambda: SimpleNamespace(model=torch.nn.Linear(1, 1),
+                                                                    ref_model=torch.nn.Linear(1, 1)))
+
+    def step(self, inputs: dict) -> dict:
+        if inputs["prompt_ids"].shape[0] > self.limit:
+            raise torch.OutOfMemoryError("fake")
+        return {"loss": 0.0, "kl": 0.0}
+
+
+def test_largest_fits_stops_each_variant_at_its_first_oom(smoke):
+    bench = Bench(replace(SMOKE, fit_batches=(4, 8, 16)), torch.device("cpu"),
+                  [_RunsOutAbove("trl k3", None, 16), _RunsOutAbove("rb naive", None, 4),
+                   _RunsOutAbove("tike naive", 16, 8)])
+    fits = largest_fits(bench)
+    tried = {(f["variant"], f["tokens"] // (SMOKE.prompt + SMOKE.completion)): f["fits"] for f in fits}
+    assert tried == {("trl k3", 4): True, ("trl k3", 8): True, ("trl k3", 16): True, ("rb naive", 4): True,
+                     ("rb naive", 8): False, ("tike naive", 4): True, ("tike naive", 8): True,
+                     ("tike naive", 16): False}
+    assert all((f["peak_mem_bytes"] is None) == (not f["fits"]) for f in fits)
+    table = markdown_table({**smoke[1], "fits": fits})
+    assert "| rb naive |  | " in table and table.count(" OOM |") == 2
+
+
+def test_a_variant_out_of_memory_is_reported_not_fatal(smoke, tmp_path):
+    bench = Bench(SMOKE, torch.device("cpu"), [_RunsOutAbove("backbone", None, 8), _RunsOutAbove("trl k3", None, 8),
+                                               _RunsOutAbove("rb naive", None, 1)])
+    rows = measure(bench, synthetic_batch(SMOKE, 2, bench.device))
+    assert [r["oom"] for r in rows] == [False, False, True]
+    assert rows[2]["time_s"] is None and rows[2]["peak_mem_bytes"] is None and rows[1]["time_s"] > 0
+    result = {**smoke[1], "rows": rows}
+    assert markdown_table(result).splitlines()[-1].startswith("| rb naive |  | OOM |")
+    plot_loss_step(result, tmp_path / "plot.png")
