@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from tike_trl import TIKEConfig, TIKEGRPOTrainer  # noqa: E402
+from tike_trl.training import finish  # noqa: E402
 from tiny import load_tokenizer, prompt_dataset, reward_length  # noqa: E402
 
 LOGGED = ("loss", "grad_norm", "kl", "kl/topk_mass", "reward")
@@ -88,10 +89,7 @@ def run(model_dir: str, output_dir: str, kl_estimator: str = "tike", steps: int 
     result = {"world_size": accelerator.num_processes, "ranks": sorted(gather_object([accelerator.process_index])),
               "distributed_type": str(accelerator.distributed_type), "head_sharded": sharded,
               "kl_estimator": kl_estimator, "steps": log.steps}
-    # every rank past its last collective before the process group goes: a gloo rank torn down
-    # while its peer still talks to it aborts (SIGABRT, ~1 launch in 16 without this barrier)
-    accelerator.wait_for_everyone()
-    trainer.end()
+    finish(trainer)
     return result
 
 
