@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from collections import Counter
@@ -116,3 +117,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip interpreter finalisation: the tests check the run, not the exit, and a gloo process group
+    # reached only there can still abort a rank (SIGABRT, no Python frame), rarely, after a good run
+    # (`tike_trl.training.finish` makes it rare: docs/reliability.md has the counts).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
