@@ -15,7 +15,7 @@ from trl.trainer.utils import get_config_model_id, use_adapter
 from .config import HEAD_ESTIMATORS, TIKEConfig
 from .estimators import SAMPLED_TOKEN_ESTIMATORS, check_top_k, importance_ratio, sampled_token_kl, truncated_kl
 from .fused_head import ReferenceCapture, TIKEHead, replace_head_kernel, rows_to_completion
-from .kernels import RefHead
+from .kernels import RefHead, head_rows
 
 
 @dataclass
@@ -75,13 +75,12 @@ class TIKEGRPOTrainer(GRPOTrainer):
         if kwargs.get("rollout_func") is not None:
             kwargs["rollout_func"] = _checked_rollout(kwargs["rollout_func"])
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
-        weight = self.model.get_output_embeddings().weight
-        head_rows = getattr(weight, "ds_shape", weight.shape)[0]
+        rows = head_rows(self.model.get_output_embeddings().weight)
         # a head padded beyond the tokenizer (e.g. 151,936 rows, 151,665 tokens): its extra rows
         # are never sampled, so they are never put in the top-k set either
-        self._top_k_vocab = len(self._tokenizer) if len(self._tokenizer) < head_rows else None
+        self._top_k_vocab = len(self._tokenizer) if len(self._tokenizer) < rows else None
         if self.beta != 0.0 and (args.kl_estimator == "tike" or args.log_exact_kl_steps):
-            check_top_k(args.tike_top_k, min(head_rows, len(self._tokenizer)))
+            check_top_k(args.tike_top_k, min(rows, len(self._tokenizer)))
 
     # ---- TRL's KL term, switched off while TRL computes the rest ----
 

@@ -9,7 +9,6 @@ With no model and no dataset it trains the embedded default: SmolLM2-135M-Instru
 from __future__ import annotations
 
 import gc
-
 import re
 import tempfile
 from dataclasses import dataclass, field

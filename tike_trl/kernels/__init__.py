@@ -1,7 +1,7 @@
 """Memory-lean tiled LM-head kernels: never more than one [token_chunk, vocab_chunk] tile."""
 
-from .policy import HeadOutputs, RefHead, Tiling, policy_head
+from .policy import HeadOutputs, RefHead, Tiling, head_rows, policy_head
 from .reference import reference_logprobs
 from .trl_tiles import HeadSpec
 
-__all__ = ["HeadOutputs", "HeadSpec", "RefHead", "Tiling", "policy_head", "reference_logprobs"]
+__all__ = ["HeadOutputs", "HeadSpec", "RefHead", "Tiling", "head_rows", "policy_head", "reference_logprobs"]

@@ -102,7 +102,7 @@ def policy_head(
     `top_k_vocab` restricts the top-k to the first rows of the head (the tokenizer's tokens):
     a head padded beyond them (e.g. 151,936 rows for 151,665 tokens) never puts a padding row in S.
     """
-    choosable = _rows(weight) if top_k_vocab is None else min(top_k_vocab, _rows(weight))
+    choosable = head_rows(weight) if top_k_vocab is None else min(top_k_vocab, head_rows(weight))
     if top_k > choosable:
         raise ValueError(f"top_k={top_k} is larger than the {choosable} head rows it may choose from.")
     if tiling.vocab % tiling.block:
@@ -112,10 +112,10 @@ def policy_head(
         return HeadOutputs(*outputs)
     if ref.spec.temperature != spec.temperature:
         raise ValueError("The policy and the reference head must use the same temperature.")
-    if ref.hidden.shape[0] != hidden.shape[0] or _rows(ref.weight) != _rows(weight):
+    if ref.hidden.shape[0] != hidden.shape[0] or head_rows(ref.weight) != head_rows(weight):
         raise ValueError(
-            f"Reference head ({ref.hidden.shape[0]} rows, vocabulary {_rows(ref.weight)}) does not match the "
-            f"policy's ({hidden.shape[0]} rows, vocabulary {_rows(weight)})."
+            f"Reference head ({ref.hidden.shape[0]} rows, vocabulary {head_rows(ref.weight)}) does not match the "
+            f"policy's ({hidden.shape[0]} rows, vocabulary {head_rows(weight)})."
         )
     # the reference weight and bias go in as they are: `detach()` would make new tensors without the
     # ZeRO-3 attributes that the gather needs; the Function returns no gradient for them anyway
@@ -124,7 +124,7 @@ def policy_head(
     return HeadOutputs(*outputs)
 
 
-def _rows(weight: torch.Tensor) -> int:
+def head_rows(weight: torch.Tensor) -> int:
     """Vocabulary rows of a head weight, also while ZeRO-3 holds it partitioned (gathered later, in the tiles)."""
     return getattr(weight, "ds_shape", weight.shape)[0]
 
