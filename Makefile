@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tike-trl-installed
 
-.PHONY: test train install clean
+.PHONY: test train install quality clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# lint and formatting (ruff, configured in pyproject.toml); CI runs it before the tests
+quality: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 train: $(STAMP)
 	$(BIN)/tike-trl train

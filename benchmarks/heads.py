@@ -21,8 +21,9 @@ from tike_trl.fused_head import TIKEHead
 from tike_trl.kernels import HeadOutputs, HeadSpec, RefHead, Tiling
 
 
-def dense_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: HeadSpec,
-                      label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_log_softmax(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: HeadSpec, label: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log_softmax of the full `[rows, vocab]` logits, as code reading `model(...).logits` computes
     it, and log Z (from the label's column; the logits are freed on return)."""
     logits = spec.transform(F.linear(hidden, weight, bias))
@@ -33,16 +34,29 @@ def dense_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 class DenseHead(TIKEHead):
     """The naive head: every tensor is `[rows, vocab]`; outputs identical to `TIKEHead`'s."""
 
-    def evaluate(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 spec: HeadSpec, ref: RefHead, tiling: Tiling) -> tuple[HeadOutputs, torch.Tensor | None]:
+    def evaluate(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        spec: HeadSpec,
+        ref: RefHead,
+        tiling: Tiling,
+    ) -> tuple[HeadOutputs, torch.Tensor | None]:
         label = targets[:, None]
         logp, log_z = dense_log_softmax(hidden, weight, bias, spec, label)
         with torch.no_grad():
             logq, _ = dense_log_softmax(ref.hidden, ref.weight, ref.bias, ref.spec, label)
         topk_logprobs, topk_indices = logp.topk(self.top_k, dim=-1)  # k = 0 (rb): empty
-        out = HeadOutputs(logprob=logp.gather(1, label).squeeze(1), entropy=-(logp.exp() * logp).sum(-1),
-                          topk_logprobs=topk_logprobs, topk_indices=topk_indices, log_z=log_z,
-                          exact_kl=exact_kl(logp, logq) if self.exact_kl else None)
+        out = HeadOutputs(
+            logprob=logp.gather(1, label).squeeze(1),
+            entropy=-(logp.exp() * logp).sum(-1),
+            topk_logprobs=topk_logprobs,
+            topk_indices=topk_indices,
+            log_z=log_z,
+            exact_kl=exact_kl(logp, logq) if self.exact_kl else None,
+        )
         if not self.top_k:
             return out, None
         return out, logq.gather(1, torch.cat([topk_indices, label], dim=1))
@@ -61,7 +75,8 @@ class NoHead:
     entropy) per row that still depends on the hidden states, so the backbone's backward runs."""
 
     @staticmethod
-    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
-              outputs=("log_probs",)):
+    def apply(
+        hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0, outputs=("log_probs",)
+    ):
         zero = hidden.sum(-1, dtype=torch.float32) * 0.0
         return zero, (zero.clone() if "entropy" in outputs else None), None, None, None

@@ -67,10 +67,19 @@ class Geometry:
     intermediate: int
 
     def config(self) -> Qwen2Config:
-        return Qwen2Config(vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
-                           num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-                           intermediate_size=self.intermediate, max_position_embeddings=32768,
-                           tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+        return Qwen2Config(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            intermediate_size=self.intermediate,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+        )
 
 
 @dataclass(frozen=True)
@@ -97,13 +106,30 @@ class Mode:
 QWEN25_15B = Geometry(vocab=151_936, hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960)
 MODES = {
     # Qwen2.5's vocabulary (4.6 of TRL's 32,768-column tiles) on a tiny backbone
-    "cpu": Mode("cpu", "cpu", "float32", Geometry(QWEN25_15B.vocab, 128, 2, 4, 2, 512), batch=2, prompt=32,
-                completion=96, repeats=7, threads=1),
-    "gpu": Mode("gpu", "cuda", "bfloat16", QWEN25_15B, batch=8, prompt=256, completion=1792,
-                fit_batches=(16, 32, 64)),
+    "cpu": Mode(
+        "cpu",
+        "cpu",
+        "float32",
+        Geometry(QWEN25_15B.vocab, 128, 2, 4, 2, 512),
+        batch=2,
+        prompt=32,
+        completion=96,
+        repeats=7,
+        threads=1,
+    ),
+    "gpu": Mode("gpu", "cuda", "bfloat16", QWEN25_15B, batch=8, prompt=256, completion=1792, fit_batches=(16, 32, 64)),
     # seconds: checks the machinery (the benchmark's own test runs it)
-    "smoke": Mode("smoke", "cpu", "float32", Geometry(1000, 16, 1, 2, 1, 32), batch=2, prompt=4, completion=12,
-                  top_ks=(1, 4, 16), threads=1),
+    "smoke": Mode(
+        "smoke",
+        "cpu",
+        "float32",
+        Geometry(1000, 16, 1, 2, 1, 32),
+        batch=2,
+        prompt=4,
+        completion=12,
+        top_ks=(1, 4, 16),
+        threads=1,
+    ),
 }
 
 
@@ -137,8 +163,8 @@ def _trl_reference_logps(trainer: GRPOTrainer, inputs: dict) -> torch.Tensor:
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     with torch.no_grad():
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.ref_model, input_ids, mask, inputs["completion_ids"].shape[1],
-            batch_size=input_ids.shape[0])  # TRL's per_device_train_batch_size: the whole micro-batch
+            trainer.ref_model, input_ids, mask, inputs["completion_ids"].shape[1], batch_size=input_ids.shape[0]
+        )  # TRL's per_device_train_batch_size: the whole micro-batch
     return logps
 
 
@@ -161,8 +187,12 @@ def _placeholder_tokenizer(size: int) -> PreTrainedTokenizerFast:
     """The trainers need a tokenizer to start; the benchmark's batch is token ids already. It has one
     token per head row, or the trainer would take rows beyond it for padding outside the top-k."""
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, size)}}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                   pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
 
 
 def _no_reward(completions, **_) -> list[float]:
@@ -171,10 +201,18 @@ def _no_reward(completions, **_) -> list[float]:
 
 def _trainer_args(config_cls: type, mode: Mode, workdir: Path) -> GRPOConfig:
     return config_cls(
-        output_dir=str(workdir / "out"), per_device_train_batch_size=mode.batch, num_generations=2,
-        max_completion_length=mode.completion, beta=BETA, bf16=mode.dtype == "bfloat16",
-        use_cpu=mode.device == "cpu", model_init_kwargs={"dtype": mode.dtype},
-        report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=str(workdir / "out"),
+        per_device_train_batch_size=mode.batch,
+        num_generations=2,
+        max_completion_length=mode.completion,
+        beta=BETA,
+        bf16=mode.dtype == "bfloat16",
+        use_cpu=mode.device == "cpu",
+        model_init_kwargs={"dtype": mode.dtype},
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
 
 
@@ -188,8 +226,13 @@ class Bench:
 
     def live_bytes(self, inputs: dict) -> int:
         trainer = self.variants[0].trainer
-        tensors = [*trainer.model.parameters(), *trainer.model.buffers(), *trainer.ref_model.parameters(),
-                   *trainer.ref_model.buffers(), *inputs.values()]
+        tensors = [
+            *trainer.model.parameters(),
+            *trainer.model.buffers(),
+            *trainer.ref_model.parameters(),
+            *trainer.ref_model.buffers(),
+            *inputs.values(),
+        ]
         return unique_tensor_bytes(tensors)
 
 
@@ -201,11 +244,16 @@ def build(mode: Mode, workdir: Path) -> Bench:
         model = AutoModelForCausalLM.from_config(mode.geometry.config(), dtype=getattr(torch, mode.dtype))
     model.save_pretrained(workdir / "model")
     del model
-    common = dict(reward_funcs=_no_reward, train_dataset=Dataset.from_dict({"prompt": ["unused"] * 2}),
-                  processing_class=_placeholder_tokenizer(mode.geometry.vocab))
+    common = dict(
+        reward_funcs=_no_reward,
+        train_dataset=Dataset.from_dict({"prompt": ["unused"] * 2}),
+        processing_class=_placeholder_tokenizer(mode.geometry.vocab),
+    )
     trl_trainer = GRPOTrainer(model=str(workdir / "model"), args=_trainer_args(GRPOConfig, mode, workdir), **common)
-    ours, naive = (cls(model=trl_trainer.model, args=_trainer_args(TIKEConfig, mode, workdir), **common)
-                   for cls in (TIKEGRPOTrainer, DenseHeadTrainer))
+    ours, naive = (
+        cls(model=trl_trainer.model, args=_trainer_args(TIKEConfig, mode, workdir), **common)
+        for cls in (TIKEGRPOTrainer, DenseHeadTrainer)
+    )
     for trainer in (ours, naive):  # one reference model for all, as in a real run
         trainer.accelerator.free_memory()  # its list of prepared models would keep the trainer's own reference
         trainer.ref_model = trl_trainer.ref_model
@@ -266,8 +314,9 @@ def measure(bench: Bench, inputs: dict) -> list[dict]:
             _release(device)
             return None
 
-    with tqdm(total=len(variants) * (mode.warmup + mode.repeats + 1), desc=f"{mode.name}: loss steps",
-              unit="step") as bar:
+    with tqdm(
+        total=len(variants) * (mode.warmup + mode.repeats + 1), desc=f"{mode.name}: loss steps", unit="step"
+    ) as bar:
         for repeat in range(mode.warmup + mode.repeats):
             for i in random.Random(repeat).sample(range(len(variants)), len(variants)):
                 variant = variants[i]
@@ -280,12 +329,16 @@ def measure(bench: Bench, inputs: dict) -> list[dict]:
         for i, variant in enumerate(variants):
             if i not in oom:
                 gc.collect()
-                peaks[i] = attempt(i, lambda: peak_memory(lambda: variant.step(inputs), device, bench.live_bytes(inputs)))
+                peaks[i] = attempt(
+                    i, lambda: peak_memory(lambda: variant.step(inputs), device, bench.live_bytes(inputs))
+                )
             bar.update()
     model.zero_grad(set_to_none=True)
     tokens = inputs["prompt_ids"].numel() + inputs["completion_ids"].numel()
-    rows = [_row(variant, tokens, None if i in oom else (times[i], peaks[i], outputs[i]))
-            for i, variant in enumerate(variants)]
+    rows = [
+        _row(variant, tokens, None if i in oom else (times[i], peaks[i], outputs[i]))
+        for i, variant in enumerate(variants)
+    ]
     backbone = rows[0]
     for row in rows:
         if not row["oom"]:
@@ -295,16 +348,37 @@ def measure(bench: Bench, inputs: dict) -> list[dict]:
 
 
 def _row(variant: Variant, tokens: int, measured: tuple | None) -> dict:
-    """One variant's JSON row; `measured` is (times, (start, peak) memory, step outputs), None if it ran out of memory."""
+    """One variant's JSON row; `measured` is (times, (start, peak) memory, step outputs), None if it ran
+    out of memory."""
     row = {"variant": variant.name, "k": variant.k, "tokens": tokens, "oom": measured is None}
     if measured is None:
-        return {**row, **dict.fromkeys(("time_s", "cpu_time_s", "start_mem_bytes", "peak_mem_bytes",
-                                        "head_extra_mem_bytes", "head_time_s", "loss", "kl")), "times_s": []}
+        return {
+            **row,
+            **dict.fromkeys(
+                (
+                    "time_s",
+                    "cpu_time_s",
+                    "start_mem_bytes",
+                    "peak_mem_bytes",
+                    "head_extra_mem_bytes",
+                    "head_time_s",
+                    "loss",
+                    "kl",
+                )
+            ),
+            "times_s": [],
+        }
     times, (start, peak), outputs = measured
     wall, cpu = zip(*times)
-    return {**row, "time_s": statistics.median(wall), "times_s": list(wall),
-            "cpu_time_s": None if cpu[0] is None else statistics.median(cpu), "start_mem_bytes": start,
-            "peak_mem_bytes": peak, **outputs}
+    return {
+        **row,
+        "time_s": statistics.median(wall),
+        "times_s": list(wall),
+        "cpu_time_s": None if cpu[0] is None else statistics.median(cpu),
+        "start_mem_bytes": start,
+        "peak_mem_bytes": peak,
+        **outputs,
+    }
 
 
 def _release(device: torch.device) -> None:
@@ -330,8 +404,15 @@ def largest_fits(bench: Bench) -> list[dict]:
                 peak = None
             model.zero_grad(set_to_none=True)
             _release(bench.device)
-            results.append({"variant": variant.name, "k": variant.k, "tokens": batch * (mode.prompt + mode.completion),
-                            "fits": peak is not None, "peak_mem_bytes": peak})
+            results.append(
+                {
+                    "variant": variant.name,
+                    "k": variant.k,
+                    "tokens": batch * (mode.prompt + mode.completion),
+                    "fits": peak is not None,
+                    "peak_mem_bytes": peak,
+                }
+            )
     return results
 
 
@@ -345,8 +426,13 @@ def environment(device: torch.device) -> dict:
         name = f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return {
         "device": name,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "trl": trl.__version__,
-                     "transformers": transformers.__version__, "tike_trl": tike_trl.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+            "tike_trl": tike_trl.__version__,
+        },
     }
 
 
@@ -368,8 +454,10 @@ def run(mode: Mode, out_dir: Path, plot_path: Path | None) -> dict:
     try:
         env = environment(device)
         load_before = os.getloadavg()
-        with tempfile.TemporaryDirectory(prefix="tike-bench-") as tmp, \
-                freed_memory_kept() if device.type == "cpu" else nullcontext(False) as kept:
+        with (
+            tempfile.TemporaryDirectory(prefix="tike-bench-") as tmp,
+            freed_memory_kept() if device.type == "cpu" else nullcontext(False) as kept,
+        ):
             bench = build(mode, Path(tmp))
             checkpointing = _is_checkpointing(bench.variants[0].trainer.model)
             rows = measure(bench, synthetic_batch(mode, mode.batch, device))
@@ -380,15 +468,27 @@ def run(mode: Mode, out_dir: Path, plot_path: Path | None) -> dict:
     for row in rows:
         row.update(env)
     result = {
-        "mode": mode.name, **env, "geometry": asdict(mode.geometry), "dtype": mode.dtype,
-        "micro_batch": {"sequences": mode.batch, "prompt": mode.prompt, "completion": mode.completion,
-                        "tokens": mode.tokens},
-        "gradient_checkpointing": checkpointing, "beta": BETA, "repeats": mode.repeats, "warmup": mode.warmup,
-        "memory_measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else
-        "tensor bytes alive at the start (models, batch) + peak of torch.profiler's CPU allocation trace",
+        "mode": mode.name,
+        **env,
+        "geometry": asdict(mode.geometry),
+        "dtype": mode.dtype,
+        "micro_batch": {
+            "sequences": mode.batch,
+            "prompt": mode.prompt,
+            "completion": mode.completion,
+            "tokens": mode.tokens,
+        },
+        "gradient_checkpointing": checkpointing,
+        "beta": BETA,
+        "repeats": mode.repeats,
+        "warmup": mode.warmup,
+        "memory_measure": "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "tensor bytes alive at the start (models, batch) + peak of torch.profiler's CPU allocation trace",
         "load_average_1min": {"before": load_before[0], "after": load_after[0]},
         "cpu_freed_memory_kept": kept,
-        "rows": rows, "fits": fits,
+        "rows": rows,
+        "fits": fits,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{mode.name}.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -412,26 +512,58 @@ def markdown_table(result: dict) -> str:
     def cells(r: dict) -> list[str]:
         if r["oom"]:
             return ["OOM"] * (8 + with_cpu_time)
-        return [f"{1e3 * r['time_s']:.0f} ms", ratio("time_s", r), *([ratio("cpu_time_s", r)] * with_cpu_time),
-                ratio("head_time_s", r), _size(r["peak_mem_bytes"]), ratio("peak_mem_bytes", r),
-                _size(r["head_extra_mem_bytes"]), ratio("head_extra_mem_bytes", r)]
+        return [
+            f"{1e3 * r['time_s']:.0f} ms",
+            ratio("time_s", r),
+            *([ratio("cpu_time_s", r)] * with_cpu_time),
+            ratio("head_time_s", r),
+            _size(r["peak_mem_bytes"]),
+            ratio("peak_mem_bytes", r),
+            _size(r["head_extra_mem_bytes"]),
+            ratio("head_extra_mem_bytes", r),
+        ]
 
-    header = ["variant", "k", "step time", "× k3", *(["CPU time × k3"] * with_cpu_time), "head time × k3 head",
-              "peak memory", "× k3", "head extra memory", "× k3 head"]
-    lines = [f"{result['device']} · {result['mode']} mode · {result['micro_batch']['tokens']} tokens per micro-batch "
-             f"· median of {result['repeats']} steps · 1-min load average {result['load_average_1min']['before']:.1f}",
-             "", _table_line(header), _table_line(["---"] * len(header))]
+    header = [
+        "variant",
+        "k",
+        "step time",
+        "× k3",
+        *(["CPU time × k3"] * with_cpu_time),
+        "head time × k3 head",
+        "peak memory",
+        "× k3",
+        "head extra memory",
+        "× k3 head",
+    ]
+    lines = [
+        f"{result['device']} · {result['mode']} mode · {result['micro_batch']['tokens']} tokens per micro-batch "
+        f"· median of {result['repeats']} steps · 1-min load average {result['load_average_1min']['before']:.1f}",
+        "",
+        _table_line(header),
+        _table_line(["---"] * len(header)),
+    ]
     lines += [_table_line([r["variant"], _k(r), *cells(r)]) for r in rows]
     if result["fits"]:
         sizes = sorted({f["tokens"] for f in result["fits"]})
         found = {(f["variant"], f["k"], f["tokens"]): f for f in result["fits"]}
-        lines += ["", "Peak memory at larger micro-batches (OOM: ran out of device memory):", "",
-                  _table_line(["variant", "k", *(f"{t} tokens" for t in sizes)]),
-                  _table_line(["---"] * (2 + len(sizes)))]
+        lines += [
+            "",
+            "Peak memory at larger micro-batches (OOM: ran out of device memory):",
+            "",
+            _table_line(["variant", "k", *(f"{t} tokens" for t in sizes)]),
+            _table_line(["---"] * (2 + len(sizes))),
+        ]
         for r in rows:
             hits = [found.get((r["variant"], r["k"], t)) for t in sizes]
-            lines.append(_table_line([r["variant"], _k(r), *("" if f is None else _size(f["peak_mem_bytes"])
-                                                              if f["fits"] else "OOM" for f in hits)]))
+            lines.append(
+                _table_line(
+                    [
+                        r["variant"],
+                        _k(r),
+                        *("" if f is None else _size(f["peak_mem_bytes"]) if f["fits"] else "OOM" for f in hits),
+                    ]
+                )
+            )
     return "\n".join(lines)
 
 
@@ -448,21 +580,36 @@ def _size(n_bytes: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=list(MODES), default="cpu",
-                        help="cpu: small model (minutes on 2 cores); gpu: Qwen2.5-1.5B geometry, bf16 (needs CUDA); "
-                        "smoke: a tiny model (seconds)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--mode",
+        choices=list(MODES),
+        default="cpu",
+        help="cpu: small model (minutes on 2 cores); gpu: Qwen2.5-1.5B geometry, bf16 (needs CUDA); "
+        "smoke: a tiny model (seconds)",
+    )
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: the mode's; cpu and smoke run single-threaded)")
-    parser.add_argument("--plot", type=Path, default=None,
-                        help="PNG of memory and time vs k (default: docs/loss_step_<mode>.png; 'none' skips it)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the mode's; cpu and smoke run single-threaded)",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG of memory and time vs k (default: docs/loss_step_<mode>.png; 'none' skips it)",
+    )
     args = parser.parse_args(argv)
     mode = MODES[args.mode] if args.threads is None else replace(MODES[args.mode], threads=args.threads)
     if mode.device == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"--mode {args.mode} needs a CUDA GPU and torch.cuda.is_available() is False here; "
-                 "run `python -m benchmarks.loss_step --mode cpu` on this machine.")
+        sys.exit(
+            f"--mode {args.mode} needs a CUDA GPU and torch.cuda.is_available() is False here; "
+            "run `python -m benchmarks.loss_step --mode cpu` on this machine."
+        )
     plot = ROOT / "docs" / f"loss_step_{mode.name}.png" if args.plot is None else args.plot
     result = run(mode, args.out_dir, None if str(plot) == "none" else plot)
     print(markdown_table(result))

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-
 # glibc's mallopt parameters and their defaults
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
@@ -93,7 +92,10 @@ def peak_memory(call: Callable[[], object], device: torch.device, live_bytes: in
 
 def _peak_of_allocations(prof: profile) -> int:
     """The maximum over time of (bytes allocated − bytes freed) since profiling began."""
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
     events.sort(key=lambda e: e.start_ns())
     return max(itertools.accumulate(e.nbytes() for e in events), default=0)

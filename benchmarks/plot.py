@@ -16,8 +16,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 # variants without a k: drawn as horizontal lines (their measured value, the same at every k)
-FLAT = {"trl k3": ("black", "-"), "rb tiled": ("tab:green", "--"), "rb naive": ("tab:red", "--"),
-        "backbone": ("grey", ":")}
+FLAT = {
+    "trl k3": ("black", "-"),
+    "rb tiled": ("tab:green", "--"),
+    "rb naive": ("tab:red", "--"),
+    "backbone": ("grey", ":"),
+}
 
 
 def plot_loss_step(result: dict, path: Path) -> None:
@@ -35,8 +39,14 @@ def plot_loss_step(result: dict, path: Path) -> None:
                 if r["variant"] == name:
                     ax.axhline(r[key] / unit, color=color, linestyle=style, linewidth=1.2, label=name)
         ax.plot([r["k"] for r in tike], [r[key] / unit for r in tike], "o-", color="tab:blue", label="tike (tiled)")
-        ax.plot([r["k"] for r in naive], [r[key] / unit for r in naive], "s", color="tab:red", markersize=8,
-                label="tike naive (logits + topk)")
+        ax.plot(
+            [r["k"] for r in naive],
+            [r[key] / unit for r in naive],
+            "s",
+            color="tab:red",
+            markersize=8,
+            label="tike naive (logits + topk)",
+        )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("k (top-k size)")
         ax.set_ylabel(label)

@@ -46,17 +46,37 @@ def _accelerate() -> str:
     return str(local) if local.exists() else shutil.which("accelerate") or "accelerate"
 
 
-def launch(recipe: str, script_args: list[str], out_dir: Path, script: Path = TRAIN_TINY, num_processes: int = 2,
-           cpu: bool = True, timeout: int = 900) -> dict:
+def launch(
+    recipe: str,
+    script_args: list[str],
+    out_dir: Path,
+    script: Path = TRAIN_TINY,
+    num_processes: int = 2,
+    cpu: bool = True,
+    timeout: int = 900,
+) -> dict:
     """Run `script` under `accelerate launch --config_file recipes/accelerate/<recipe>.yaml` on
     `num_processes` processes (CPU ones with the overrides above, unless `cpu=False`) and return
     the JSON it writes to `--out`."""
     out = Path(out_dir) / f"{recipe}-result.json"
-    cmd = [_accelerate(), "launch", "--config_file", str(RECIPES / f"{recipe}.yaml"),
-           "--num_processes", str(num_processes), "--main_process_port", str(_free_port()), *(CPU_FLAGS if cpu else []),
-           str(script), "--out", str(out), *script_args]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(CPU_ENV if cpu else {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    cmd = [
+        _accelerate(),
+        "launch",
+        "--config_file",
+        str(RECIPES / f"{recipe}.yaml"),
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        str(_free_port()),
+        *(CPU_FLAGS if cpu else []),
+        str(script),
+        "--out",
+        str(out),
+        *script_args,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, **(CPU_ENV if cpu else {})}, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0 or not out.exists():
         raise AssertionError(f"{' '.join(cmd)}\nexited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return json.loads(out.read_text())

@@ -9,8 +9,8 @@ import pytest
 from tiny import WORDS, prompt_dataset, save_tiny_model
 
 from tike_trl import analyze
-from tike_trl.analyze import AnalysisConfig, run_analysis
 from tike_trl.analysis_report import write_report
+from tike_trl.analyze import AnalysisConfig, run_analysis
 from tike_trl.cli import main
 
 KS = (2, 4, 8, 16)
@@ -25,8 +25,17 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def results(models):
     ref, policy = models
-    config = AnalysisConfig(policy=str(policy), ref=str(ref), prompts=3, pool=48, completion_len=8, ks=KS, tike_k=4,
-                            bootstrap=300, grad_batch=4)
+    config = AnalysisConfig(
+        policy=str(policy),
+        ref=str(ref),
+        prompts=3,
+        pool=48,
+        completion_len=8,
+        ks=KS,
+        tike_k=4,
+        bootstrap=300,
+        grad_batch=4,
+    )
     return run_analysis(config, prompts=prompt_dataset(3)["prompt"])
 
 
@@ -67,8 +76,13 @@ def test_gradient_spread(results):
 
 def test_report_files(results, tmp_path):
     paths = write_report(results, tmp_path)
-    assert {p.name for p in paths} == {"results.json", "report.md", "coverage.png", "bias_variance.png",
-                                        "token_profile.png"}
+    assert {p.name for p in paths} == {
+        "results.json",
+        "report.md",
+        "coverage.png",
+        "bias_variance.png",
+        "token_profile.png",
+    }
     assert all(p.stat().st_size > 1000 for p in paths)
     report = (tmp_path / "report.md").read_text()
     for heading in ("Top-k coverage", "Bias and variance", "Gradient variance", "probability profile"):
@@ -83,8 +97,17 @@ def test_report_files(results, tmp_path):
 def test_single_token_completions_make_rb_exact(models):
     """With one token the history is fixed by the prompt: rb is deterministic, the others are not."""
     ref, policy = models
-    config = AnalysisConfig(policy=str(policy), ref=str(ref), prompts=1, pool=16, completion_len=1, ks=(4,),
-                            tike_k=4, bootstrap=50, gradients=False)
+    config = AnalysisConfig(
+        policy=str(policy),
+        ref=str(ref),
+        prompts=1,
+        pool=16,
+        completion_len=1,
+        ks=(4,),
+        tike_k=4,
+        bootstrap=50,
+        gradients=False,
+    )
     out = run_analysis(config, prompts=prompt_dataset(1)["prompt"])
     stds = {name: e["std"] for name, e in out["bias_variance"]["prompts"][0]["estimators"].items()}
     assert max(stds["rb"]) < 1e-6
@@ -97,16 +120,49 @@ def test_cli_end_to_end(models, tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": p}) for p in prompt_dataset(2)["prompt"]))
     out = tmp_path / "report"
-    assert main(["analyze", "--policy", str(policy), "--ref", str(ref), "--dataset", str(data), "--prompts", "2",
-                 "--pool", "4", "--completion-len", "4", "--k", "2", "8", "--tike-k", "2", "--bootstrap", "20",
-                 "--grad-batch", "2", "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--policy",
+                str(policy),
+                "--ref",
+                str(ref),
+                "--dataset",
+                str(data),
+                "--prompts",
+                "2",
+                "--pool",
+                "4",
+                "--completion-len",
+                "4",
+                "--k",
+                "2",
+                "8",
+                "--tike-k",
+                "2",
+                "--bootstrap",
+                "20",
+                "--grad-batch",
+                "2",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     saved = json.loads((out / "results.json").read_text())
     assert saved["setup"]["sequences"] == 8 and saved["coverage"]["ks"] == [2, 8]
 
 
-@pytest.mark.parametrize("args,message", [(["--pool", "1"], "pool=1 must be at least 2"),
-                                          (["--k", "0"], "k=[0] must be one or more integers >= 1"),
-                                          (["--temperature", "0"], "temperature=0.0 must be > 0")])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--pool", "1"], "pool=1 must be at least 2"),
+        (["--k", "0"], "k=[0] must be one or more integers >= 1"),
+        (["--temperature", "0"], "temperature=0.0 must be > 0"),
+    ],
+)
 def test_cli_rejects_bad_input(args, message, capsys):
     assert main(["analyze", *args]) == 2
     assert message in capsys.readouterr().err

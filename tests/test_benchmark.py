@@ -17,8 +17,14 @@ from benchmarks.loss_step import MODES, Bench, largest_fits, main, markdown_tabl
 from benchmarks.plot import plot_loss_step
 
 SMOKE = MODES["smoke"]
-VARIANTS = {("backbone", None), ("trl k3", None), *(("tike", k) for k in SMOKE.top_ks), ("rb tiled", None),
-            ("tike naive", 16), ("rb naive", None)}
+VARIANTS = {
+    ("backbone", None),
+    ("trl k3", None),
+    *(("tike", k) for k in SMOKE.top_ks),
+    ("rb tiled", None),
+    ("tike naive", 16),
+    ("rb naive", None),
+}
 ROW_KEYS = {"variant", "k", "tokens", "peak_mem_bytes", "head_extra_mem_bytes", "time_s", "device", "versions"}
 
 
@@ -81,8 +87,9 @@ class _RunsOutAbove:
     name: str
     k: int | None
     limit: int
-    trainer: object = field(default_factory=lambda: SimpleNamespace(model=torch.nn.Linear(1, 1),
-                                                                    ref_model=torch.nn.Linear(1, 1)))
+    trainer: object = field(
+        default_factory=lambda: SimpleNamespace(model=torch.nn.Linear(1, 1), ref_model=torch.nn.Linear(1, 1))
+    )
 
     def step(self, inputs: dict) -> dict:
         if inputs["prompt_ids"].shape[0] > self.limit:
@@ -91,22 +98,34 @@ class _RunsOutAbove:
 
 
 def test_largest_fits_stops_each_variant_at_its_first_oom(smoke):
-    bench = Bench(replace(SMOKE, fit_batches=(4, 8, 16)), torch.device("cpu"),
-                  [_RunsOutAbove("trl k3", None, 16), _RunsOutAbove("rb naive", None, 4),
-                   _RunsOutAbove("tike naive", 16, 8)])
+    bench = Bench(
+        replace(SMOKE, fit_batches=(4, 8, 16)),
+        torch.device("cpu"),
+        [_RunsOutAbove("trl k3", None, 16), _RunsOutAbove("rb naive", None, 4), _RunsOutAbove("tike naive", 16, 8)],
+    )
     fits = largest_fits(bench)
     tried = {(f["variant"], f["tokens"] // (SMOKE.prompt + SMOKE.completion)): f["fits"] for f in fits}
-    assert tried == {("trl k3", 4): True, ("trl k3", 8): True, ("trl k3", 16): True, ("rb naive", 4): True,
-                     ("rb naive", 8): False, ("tike naive", 4): True, ("tike naive", 8): True,
-                     ("tike naive", 16): False}
+    assert tried == {
+        ("trl k3", 4): True,
+        ("trl k3", 8): True,
+        ("trl k3", 16): True,
+        ("rb naive", 4): True,
+        ("rb naive", 8): False,
+        ("tike naive", 4): True,
+        ("tike naive", 8): True,
+        ("tike naive", 16): False,
+    }
     assert all((f["peak_mem_bytes"] is None) == (not f["fits"]) for f in fits)
     table = markdown_table({**smoke[1], "fits": fits})
     assert "| rb naive |  | " in table and table.count(" OOM |") == 2
 
 
 def test_a_variant_out_of_memory_is_reported_not_fatal(smoke, tmp_path):
-    bench = Bench(SMOKE, torch.device("cpu"), [_RunsOutAbove("backbone", None, 8), _RunsOutAbove("trl k3", None, 8),
-                                               _RunsOutAbove("rb naive", None, 1)])
+    bench = Bench(
+        SMOKE,
+        torch.device("cpu"),
+        [_RunsOutAbove("backbone", None, 8), _RunsOutAbove("trl k3", None, 8), _RunsOutAbove("rb naive", None, 1)],
+    )
     rows = measure(bench, synthetic_batch(SMOKE, 2, bench.device))
     assert [r["oom"] for r in rows] == [False, False, True]
     assert rows[2]["time_s"] is None and rows[2]["peak_mem_bytes"] is None and rows[1]["time_s"] > 0

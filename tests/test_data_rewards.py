@@ -9,8 +9,14 @@ from datasets import Dataset
 
 from tike_trl.data import ARITHMETIC_TEMPLATE, arithmetic_dataset, as_prompt_answer, load_prompt_answer_dataset
 from tike_trl.errors import InputError
-from tike_trl.rewards import (REWARDS, exact_number_reward, final_math_answer, final_number, math_answer_reward,
-                              resolve_reward)
+from tike_trl.rewards import (
+    REWARDS,
+    exact_number_reward,
+    final_math_answer,
+    final_number,
+    math_answer_reward,
+    resolve_reward,
+)
 
 
 def test_arithmetic_dataset_answers_are_right():
@@ -35,8 +41,9 @@ def test_arithmetic_dataset_rejects(kwargs):
 
 def test_local_jsonl_with_string_prompts(tmp_path):
     path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": f"what is {i} + 1 ?", "answer": i + 1, "extra": "x"})
-                              for i in range(3)))
+    path.write_text(
+        "\n".join(json.dumps({"prompt": f"what is {i} + 1 ?", "answer": i + 1, "extra": "x"}) for i in range(3))
+    )
     data = load_prompt_answer_dataset(str(path))
     assert data[0]["prompt"] == [{"role": "user", "content": "what is 0 + 1 ?"}]
     assert data["answer"] == ["1", "2", "3"]  # numbers become strings
@@ -51,13 +58,21 @@ def test_local_json_with_chat_prompts_and_other_column_names(tmp_path):
 
 def test_verl_style_answer_is_found():
     # the layout of BytedTsinghua-SIA/DAPO-Math-17k
-    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "Find x."}], "data_source": "math_dapo",
-                               "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"}}])
+    rows = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": "Find x."}],
+                "data_source": "math_dapo",
+                "reward_model": {"ground_truth": "34", "style": "rule-lighteval/MATH_v2"},
+            }
+        ]
+    )
     assert as_prompt_answer(rows)[0]["answer"] == "34"
 
 
-@pytest.mark.parametrize("row,missing", [({"question": "q", "answer": "1"}, "'prompt'"),
-                                         ({"prompt": "q", "solution": "1"}, "'answer'")])
+@pytest.mark.parametrize(
+    "row,missing", [({"question": "q", "answer": "1"}, "'prompt'"), ({"prompt": "q", "solution": "1"}, "'answer'")]
+)
 def test_missing_columns_is_one_clear_line(tmp_path, row, missing):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(row))
@@ -75,8 +90,17 @@ def test_missing_file_and_unknown_local_folder(tmp_path):
         load_prompt_answer_dataset(str(tmp_path / "empty"))
 
 
-@pytest.mark.parametrize("text,number", [("7 + 5 = 12.", "12"), ("12", "12"), ("-3", "-3"), ("1,024 apples", "1024"),
-                                         ("it is 2.50", "2.50"), ("no digits", None)])
+@pytest.mark.parametrize(
+    "text,number",
+    [
+        ("7 + 5 = 12.", "12"),
+        ("12", "12"),
+        ("-3", "-3"),
+        ("1,024 apples", "1024"),
+        ("it is 2.50", "2.50"),
+        ("no digits", None),
+    ],
+)
 def test_final_number(text, number):
     assert final_number(text) == number
 
@@ -88,33 +112,39 @@ def test_exact_number_reward_plain_and_conversational():
     assert exact_number_reward(chat, answer=["9"]) == [1.0]
 
 
-@pytest.mark.parametrize("text,answer", [
-    (r"so \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
-    (r"first \boxed{3}, then \boxed{4}", "4"),
-    (r"\boxed{x^{2}+1}", "x^{2}+1"),
-    ("work...\nAnswer: 42", "42"),
-    (r"\boxed{5} but wait.\nAnswer: 6", "6"),
-    (r"Answer: \boxed{7}", "7"),
-    ("no answer here", None),
-])
+@pytest.mark.parametrize(
+    "text,answer",
+    [
+        (r"so \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
+        (r"first \boxed{3}, then \boxed{4}", "4"),
+        (r"\boxed{x^{2}+1}", "x^{2}+1"),
+        ("work...\nAnswer: 42", "42"),
+        (r"\boxed{5} but wait.\nAnswer: 6", "6"),
+        (r"Answer: \boxed{7}", "7"),
+        ("no answer here", None),
+    ],
+)
 def test_final_math_answer(text, answer):
     assert final_math_answer(text) == answer
 
 
-@pytest.mark.parametrize("completion,reference,reward", [
-    (r"\boxed{34}", "34", 1.0),
-    (r"\boxed{ 34 }.", "34", 1.0),
-    (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", 1.0),
-    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
-    (r"\boxed{1/2}", "0.5", 1.0),
-    (r"\boxed{\text{10}}", "10", 1.0),
-    (r"\boxed{90^\circ}", "90", 1.0),
-    (r"\boxed{1,000}", "1000", 1.0),
-    ("Answer: -7", "-7", 1.0),
-    (r"\boxed{35}", "34", 0.0),
-    (r"\boxed{x+1}", "1+x", 0.0),  # not a symbolic checker
-    ("34", "34", 0.0),  # no boxed or Answer: line
-])
+@pytest.mark.parametrize(
+    "completion,reference,reward",
+    [
+        (r"\boxed{34}", "34", 1.0),
+        (r"\boxed{ 34 }.", "34", 1.0),
+        (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", 1.0),
+        (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+        (r"\boxed{1/2}", "0.5", 1.0),
+        (r"\boxed{\text{10}}", "10", 1.0),
+        (r"\boxed{90^\circ}", "90", 1.0),
+        (r"\boxed{1,000}", "1000", 1.0),
+        ("Answer: -7", "-7", 1.0),
+        (r"\boxed{35}", "34", 0.0),
+        (r"\boxed{x+1}", "1+x", 0.0),  # not a symbolic checker
+        ("34", "34", 0.0),  # no boxed or Answer: line
+    ],
+)
 def test_math_answer_reward(completion, reference, reward):
     assert math_answer_reward([completion], answer=[reference]) == [reward]
 

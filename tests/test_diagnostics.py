@@ -7,11 +7,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_estimators_sequence import T, V, _exact_sequence_kl, _histories, _seq_logprob, _tables
 
 from tike_trl import diagnostics, kl_estimate
-from tike_trl.estimators import exact_kl
 
 
 def _random_logits(n=64, vocab=50, seed=0):
@@ -56,8 +54,12 @@ def test_coverage_table_regimes():
 def test_reward_to_go():
     layout = torch.tensor([[True, True, True], [True, False, False]])
     values = torch.tensor([1.0, 2.0, 3.0, 10.0])
-    torch.testing.assert_close(diagnostics.reward_to_go(values, layout, inclusive=True), torch.tensor([6.0, 5.0, 3.0, 10.0]))
-    torch.testing.assert_close(diagnostics.reward_to_go(values, layout, inclusive=False), torch.tensor([5.0, 3.0, 0.0, 0.0]))
+    torch.testing.assert_close(
+        diagnostics.reward_to_go(values, layout, inclusive=True), torch.tensor([6.0, 5.0, 3.0, 10.0])
+    )
+    torch.testing.assert_close(
+        diagnostics.reward_to_go(values, layout, inclusive=False), torch.tensor([5.0, 3.0, 0.0, 0.0])
+    )
 
 
 def test_score_chunk_per_sequence_gradients():
@@ -81,8 +83,9 @@ def test_score_chunk_per_sequence_gradients():
         for name in ("k1", "rb", "tike-mc"):
             value = diagnostics.token_estimate(name, logits, ref_logits[rows], sampled[rows], 2)
             torch.testing.assert_close(scores.sequence_values[name][s], value.sum().detach())
-            torch.testing.assert_close(scores.sequence_grads[name][s],
-                                       torch.autograd.grad(value.sum(), w, retain_graph=True)[0])
+            torch.testing.assert_close(
+                scores.sequence_grads[name][s], torch.autograd.grad(value.sum(), w, retain_graph=True)[0]
+            )
         one = layout[s : s + 1]
         k1 = kl_estimate(logits, ref_logits[rows], sampled[rows], "k1").detach()
         rb = kl_estimate(logits, ref_logits[rows], sampled[rows], "rb")
@@ -94,8 +97,12 @@ def _all_sequences(theta, ref):
     """(ids, probability, policy logits, reference logits) of every sequence of the tabular model."""
     for seq in itertools.product(range(V), repeat=T):
         rows = _histories(seq)
-        yield (torch.tensor(seq), _seq_logprob(theta, seq).exp(), torch.stack([theta[t, h] for t, h in enumerate(rows)]),
-               torch.stack([ref[t, h] for t, h in enumerate(rows)]))
+        yield (
+            torch.tensor(seq),
+            _seq_logprob(theta, seq).exp(),
+            torch.stack([theta[t, h] for t, h in enumerate(rows)]),
+            torch.stack([ref[t, h] for t, h in enumerate(rows)]),
+        )
 
 
 @pytest.mark.parametrize("name", diagnostics.SEQUENCE_GRADIENTS)
@@ -131,7 +138,8 @@ def test_rb_variance_at_the_token_level_and_at_the_sequence_level():
     means, variances = {}, {}
     for name in diagnostics.UNBIASED_ESTIMATORS:
         means[name], variances[name] = _sequence_moments(
-            lambda p, q, ids: diagnostics.token_estimate(name, p, q, ids, top_k=2))
+            lambda p, q, ids: diagnostics.token_estimate(name, p, q, ids, top_k=2)
+        )
     for name in diagnostics.UNBIASED_ESTIMATORS:
         assert means[name].item() == pytest.approx(means["rb"].item(), rel=1e-9)
         assert variances["rb"] <= variances[name]
@@ -159,8 +167,12 @@ def test_bootstrap_and_gradient_spread():
     assert out["estimators"]["rb"]["std"] == [pytest.approx(0.0, abs=1e-12)] * 2
     std1, std16 = out["estimators"]["k1"]["std"]
     assert std1 == pytest.approx(1.0, rel=0.1) and std16 == pytest.approx(0.25, rel=0.1)  # 1/sqrt(M)
-    grads = {"rb": torch.ones(400, 3), "k1": torch.ones(400, 3) + torch.randn(400, 3, generator=g),
-             "rb-seq": torch.ones(400, 3), "mc-seq": -torch.ones(400, 3)}
+    grads = {
+        "rb": torch.ones(400, 3),
+        "k1": torch.ones(400, 3) + torch.randn(400, 3, generator=g),
+        "rb-seq": torch.ones(400, 3),
+        "mc-seq": -torch.ones(400, 3),
+    }
     spread = diagnostics.gradient_spread(grads, batch=4, draws=2000, generator=g)
     assert spread["rb"]["total_var"] == pytest.approx(0.0, abs=1e-12)
     assert spread["k1"]["total_var"] == pytest.approx(3 / 4, rel=0.15)  # 3 unit-variance coordinates / batch 4

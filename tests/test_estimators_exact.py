@@ -147,8 +147,16 @@ def test_tike_full_vocabulary_drop_no_weight_equals_rb_per_sample():
     theta, ref, old = _tables()
     ids = torch.arange(V)
     old_logp = F.log_softmax(old, -1)
-    tike = kl_estimate(theta.expand(V, V), ref.expand(V, V), ids, "tike", top_k=V, tail="drop",
-                       importance_weight=False, old_logprobs=old_logp)
+    tike = kl_estimate(
+        theta.expand(V, V),
+        ref.expand(V, V),
+        ids,
+        "tike",
+        top_k=V,
+        tail="drop",
+        importance_weight=False,
+        old_logprobs=old_logp,
+    )
     rb = kl_estimate(theta.expand(V, V), ref.expand(V, V), ids, "rb")
     for o in range(V):
         torch.testing.assert_close(tike[o], rb[o], **TOL)

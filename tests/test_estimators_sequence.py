@@ -70,20 +70,24 @@ def _future_kl_score_term(theta, ref):
         weight = _seq_logprob(theta, seq).exp().detach()
         exact_per_token = _token_estimates(theta, ref, seq, estimator="rb").detach()
         for t, h in enumerate(_histories(seq)):
-            future = exact_per_token[t + 1:].sum()
+            future = exact_per_token[t + 1 :].sum()
             total = total + weight * F.log_softmax(theta[t, h], -1)[seq[t]] * future
     return total
 
 
-@pytest.mark.parametrize("kwargs", [dict(estimator="k1"), dict(estimator="k3"), dict(estimator="rb"),
-                                    dict(estimator="tike", top_k=2, tail="mc")], ids=["k1", "k3", "rb", "tike-mc"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(estimator="k1"), dict(estimator="k3"), dict(estimator="rb"), dict(estimator="tike", top_k=2, tail="mc")],
+    ids=["k1", "k3", "rb", "tike-mc"],
+)
 def test_unbiased_for_the_sequence_kl(kwargs):
     theta, ref = _tables()
     torch.testing.assert_close(_expected(theta, ref, **kwargs), _exact_sequence_kl(theta, ref), **TOL)
 
 
-@pytest.mark.parametrize("kwargs", [dict(estimator="rb"), dict(estimator="tike", top_k=2, tail="mc")],
-                         ids=["rb", "tike-mc"])
+@pytest.mark.parametrize(
+    "kwargs", [dict(estimator="rb"), dict(estimator="tike", top_k=2, tail="mc")], ids=["rb", "tike-mc"]
+)
 def test_token_level_gradient_misses_exactly_the_future_kl_term(kwargs):
     theta, ref = _tables()
     token_level = torch.autograd.grad(_expected(theta, ref, **kwargs), theta)[0]

@@ -17,8 +17,9 @@ EXACT_METRICS = ("kl/exact", "kl/tail_residual")
 
 @pytest.mark.parametrize("estimator", ["tike", "rb"])
 def test_metrics_on_configured_steps_only(tiny_model_dir, tmp_path, estimator):
-    trainer = make_trainer(tiny_model_dir, tmp_path, kl_estimator=estimator, tike_top_k=4, max_steps=3,
-                           log_exact_kl_steps=2)
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, kl_estimator=estimator, tike_top_k=4, max_steps=3, log_exact_kl_steps=2
+    )
     trainer.train()
     logs = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
     assert sorted(logs) == [1, 2, 3]
@@ -36,7 +37,9 @@ def _perturbed_trainer(tiny_model_dir, tmp_path, inputs_source, **overrides):
     ours = make_trainer(tiny_model_dir, tmp_path, kl_estimator="tike", tike_top_k=4, **overrides)
     with torch.no_grad():
         for p_ours, p_trl in zip(ours.model.parameters(), inputs_source.model.parameters()):
-            p_ours.copy_(p_trl + 0.3 * torch.randn(p_trl.shape, generator=torch.Generator().manual_seed(p_trl.numel())))
+            p_ours.copy_(
+                p_trl + 0.3 * torch.randn(p_trl.shape, generator=torch.Generator().manual_seed(p_trl.numel()))
+            )
     ours.model.train()
     ours.current_gradient_accumulation_steps = 1
     return ours
@@ -83,12 +86,15 @@ def test_logging_exact_kl_leaves_the_loss_unchanged(tiny_model_dir, tmp_path):
         torch.testing.assert_close(g_on, g_off, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(log_exact_kl_steps=-1), "log_exact_kl_steps=-1 must be an integer >= 0"),
-    (dict(log_exact_kl_steps=2.5), "log_exact_kl_steps=2.5 must be an integer >= 0"),
-    (dict(log_exact_kl_steps=1, kl_estimator="k3"), "needs kl_estimator 'tike' or 'rb'"),
-    (dict(log_exact_kl_steps=1, beta=0.0), "needs the KL term"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(log_exact_kl_steps=-1), "log_exact_kl_steps=-1 must be an integer >= 0"),
+        (dict(log_exact_kl_steps=2.5), "log_exact_kl_steps=2.5 must be an integer >= 0"),
+        (dict(log_exact_kl_steps=1, kl_estimator="k3"), "needs kl_estimator 'tike' or 'rb'"),
+        (dict(log_exact_kl_steps=1, beta=0.0), "needs the KL term"),
+    ],
+)
 def test_config_rejects_bad_exact_kl_logging(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         TIKEConfig(output_dir=str(tmp_path), use_cpu=True, **overrides)

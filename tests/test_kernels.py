@@ -16,8 +16,12 @@ from tike_trl.kernels import HeadSpec, RefHead, Tiling, policy_head, reference_l
 from tike_trl.kernels.topk import tile_topk
 
 TILING = Tiling(tokens=16, vocab=64, block=8, pair_tokens=16)
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+    ),
+]
 SPECS = [HeadSpec(), HeadSpec(temperature=0.7, logit_scale=1.3, softcap=5.0)]
 
 
@@ -67,16 +71,20 @@ def test_policy_head_fp32(device, spec, k):
     logp = F.log_softmax(dense_logits(hidden, weight, bias, spec), -1)
     torch.testing.assert_close(out.logprob, logp.gather(1, targets[:, None]).squeeze(1), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(out.entropy, -(logp.exp() * logp).sum(-1), atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(out.topk_logprobs.sort(-1).values, logp.topk(k).values.sort(-1).values, atol=2e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(
+        out.topk_logprobs.sort(-1).values, logp.topk(k).values.sort(-1).values, atol=2e-5, rtol=1e-5
+    )
     assert_valid_topk(out.topk_indices, logp, k)
     torch.testing.assert_close(out.topk_logprobs, logp.gather(1, out.topk_indices), atol=2e-5, rtol=1e-5)
 
     g = torch.Generator().manual_seed(1)
     g_o, g_h, g_s = (torch.randn(s, generator=g).to(device) for s in [(37,), (37,), (37, k)])
     loss = (out.logprob * g_o).sum() + (out.entropy * g_h).sum() + (out.topk_logprobs * g_s).sum()
-    dense = ((logp.gather(1, targets[:, None]).squeeze(1) * g_o).sum() - ((logp.exp() * logp).sum(-1) * g_h).sum()
-             + (logp.gather(1, out.topk_indices) * g_s).sum())
+    dense = (
+        (logp.gather(1, targets[:, None]).squeeze(1) * g_o).sum()
+        - ((logp.exp() * logp).sum(-1) * g_h).sum()
+        + (logp.gather(1, out.topk_indices) * g_s).sum()
+    )
     for a, b in zip(grads(loss, (hidden, weight, bias)), grads(dense, (hidden, weight, bias))):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
 
@@ -105,15 +113,15 @@ def test_policy_head_bf16(device, k):
     rounded = dense_logits(hidden, weight, bias, HeadSpec())  # bf16 projection, then fp32
     logp = F.log_softmax(rounded, -1)
     torch.testing.assert_close(out.logprob, logp.gather(1, targets[:, None]).squeeze(1), atol=2e-2, rtol=1e-2)
-    torch.testing.assert_close(out.topk_logprobs.sort(-1).values, logp.topk(k).values.sort(-1).values, atol=2e-2,
-                               rtol=1e-2)
+    torch.testing.assert_close(
+        out.topk_logprobs.sort(-1).values, logp.topk(k).values.sort(-1).values, atol=2e-2, rtol=1e-2
+    )
     # against the fp32 oracle of the same weights, gradients agree to bf16 precision
     h32, w32, b32 = (x.detach().float().requires_grad_() for x in (hidden, weight, bias))
     logp32 = F.log_softmax(dense_logits(h32, w32, b32, HeadSpec()), -1)
     g_s = torch.randn(37, k, generator=torch.Generator().manual_seed(3)).to(device)
     a = grads((out.topk_logprobs * g_s).sum() + out.logprob.sum(), (hidden, weight))
-    b = grads((logp32.gather(1, out.topk_indices) * g_s).sum() + logp32.gather(1, targets[:, None]).sum(),
-              (h32, w32))
+    b = grads((logp32.gather(1, out.topk_indices) * g_s).sum() + logp32.gather(1, targets[:, None]).sum(), (h32, w32))
     for x, y in zip(a, b):
         assert x.dtype == torch.bfloat16
         torch.testing.assert_close(x.float(), y, atol=5e-2, rtol=5e-2)
@@ -202,22 +210,28 @@ def test_exact_kl_head(device, dtype, spec):
     g = torch.Generator().manual_seed(8)
     g_d, g_o, g_h = (torch.randn(37, generator=g).to(device) for _ in range(3))
     loss = (out.exact_kl * g_d).sum() + (out.logprob * g_o).sum() + (out.entropy * g_h).sum()
-    dense = ((exact_kl(logp, logq) * g_d).sum() + (logp.gather(1, targets[:, None]).squeeze(1) * g_o).sum()
-             - ((logp.exp() * logp).sum(-1) * g_h).sum())
+    dense = (
+        (exact_kl(logp, logq) * g_d).sum()
+        + (logp.gather(1, targets[:, None]).squeeze(1) * g_o).sum()
+        - ((logp.exp() * logp).sum(-1) * g_h).sum()
+    )
     for a, b in zip(grads(loss, (hidden, weight, bias)), grads(dense, (h32, w32, b32))):
-        torch.testing.assert_close(a.float(), b, **({"atol": 5e-5, "rtol": 1e-4} if dtype == torch.float32 else
-                                                    {"atol": 5e-2, "rtol": 5e-2}))
+        torch.testing.assert_close(
+            a.float(), b, **({"atol": 5e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2})
+        )
 
 
 def test_exact_kl_head_only_kl_gradient():
     hidden, weight, bias, targets = make_head()
     ref_h, ref_w, _, _ = make_head(seed=9)
-    out = policy_head(hidden, weight, bias, targets, HeadSpec(), ref=RefHead(ref_h.detach(), ref_w.detach()),
-                      tiling=TILING)
+    out = policy_head(
+        hidden, weight, bias, targets, HeadSpec(), ref=RefHead(ref_h.detach(), ref_w.detach()), tiling=TILING
+    )
     logp = F.log_softmax(dense_logits(hidden, weight, bias, HeadSpec()), -1)
     logq = F.log_softmax(dense_logits(ref_h, ref_w, None, HeadSpec()), -1).detach()
-    for a, b in zip(grads(out.exact_kl.sum(), (hidden, weight, bias)), grads(exact_kl(logp, logq).sum(),
-                                                                                (hidden, weight, bias))):
+    for a, b in zip(
+        grads(out.exact_kl.sum(), (hidden, weight, bias)), grads(exact_kl(logp, logq).sum(), (hidden, weight, bias))
+    ):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
 
 
@@ -229,8 +243,16 @@ def test_exact_kl_head_one_kernel_backward(device, zero_kl_grad_rows):
     gradient but no KL gradient, where that cannot apply and the two-kernel backward runs."""
     hidden, weight, bias, targets = make_head(device=device)
     ref_h, ref_w, ref_b, _ = make_head(device=device, seed=12)
-    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=4,
-                      ref=RefHead(ref_h.detach(), ref_w.detach(), ref_b.detach()), tiling=TILING)
+    out = policy_head(
+        hidden,
+        weight,
+        bias,
+        targets,
+        HeadSpec(),
+        top_k=4,
+        ref=RefHead(ref_h.detach(), ref_w.detach(), ref_b.detach()),
+        tiling=TILING,
+    )
     g = torch.Generator().manual_seed(13)
     g_d, g_o, g_s = (torch.randn(s, generator=g).to(device) for s in [(37,), (37,), (37, 4)])
     if zero_kl_grad_rows != "none":
@@ -240,8 +262,11 @@ def test_exact_kl_head_one_kernel_backward(device, zero_kl_grad_rows):
     loss = (out.exact_kl * g_d).sum() + (out.logprob * g_o).sum() + (out.topk_logprobs * g_s).sum()
     logp = F.log_softmax(dense_logits(hidden, weight, bias, HeadSpec()), -1)
     logq = F.log_softmax(dense_logits(ref_h, ref_w, ref_b, HeadSpec()), -1).detach()
-    dense = ((exact_kl(logp, logq) * g_d).sum() + (logp.gather(1, targets[:, None]).squeeze(1) * g_o).sum()
-             + (logp.gather(1, out.topk_indices) * g_s).sum())
+    dense = (
+        (exact_kl(logp, logq) * g_d).sum()
+        + (logp.gather(1, targets[:, None]).squeeze(1) * g_o).sum()
+        + (logp.gather(1, out.topk_indices) * g_s).sum()
+    )
     for a, b in zip(grads(loss, (hidden, weight, bias)), grads(dense, (hidden, weight, bias))):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
 
@@ -256,14 +281,24 @@ def test_exact_kl_head_minus_inf_logits(device):
         bias[180:] = float("-inf")
         ref_b[180:] = float("-inf")
     targets = targets % 180
-    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=16,
-                      ref=RefHead(ref_h.detach(), ref_w.detach(), ref_b.detach()), tiling=TILING)
+    out = policy_head(
+        hidden,
+        weight,
+        bias,
+        targets,
+        HeadSpec(),
+        top_k=16,
+        ref=RefHead(ref_h.detach(), ref_w.detach(), ref_b.detach()),
+        tiling=TILING,
+    )
     logp = F.log_softmax(dense_logits(hidden, weight, bias, HeadSpec()), -1)
     logq = F.log_softmax(dense_logits(ref_h, ref_w, ref_b, HeadSpec()), -1).detach()
     assert (out.topk_indices < 180).all()
     torch.testing.assert_close(out.exact_kl, exact_kl(logp, logq), atol=2e-5, rtol=1e-5)
     loss = out.exact_kl.sum() + out.logprob.sum() + out.topk_logprobs.sum()
-    dense = exact_kl(logp, logq).sum() + logp.gather(1, targets[:, None]).sum() + logp.gather(1, out.topk_indices).sum()
+    dense = (
+        exact_kl(logp, logq).sum() + logp.gather(1, targets[:, None]).sum() + logp.gather(1, out.topk_indices).sum()
+    )
     for a, b in zip(grads(loss, (hidden, weight, bias)), grads(dense, (hidden, weight, bias))):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, torch.nan_to_num(b, nan=0.0), atol=5e-5, rtol=1e-4)
@@ -277,12 +312,25 @@ def test_kernel_pipeline_equals_kl_estimate(tail):
     ref_h, ref_w, ref_b, _ = make_head(seed=10)
     old_logp = torch.randn(37, generator=torch.Generator().manual_seed(11)).clamp(max=0) - 2.0
     out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=5, tiling=TILING)
-    logq = reference_logprobs(ref_h, ref_w, ref_b, torch.cat([out.topk_indices, targets[:, None]], 1),
-                              tiling=TILING)
-    ours = truncated_kl(out.topk_logprobs, logq[:, :-1], out.logprob, logq[:, -1],
-                        (out.topk_indices == targets[:, None]).any(-1), importance_ratio(out.logprob, old_logp), tail)
-    dense = kl_estimate(dense_logits(hidden, weight, bias, HeadSpec()), dense_logits(ref_h, ref_w, ref_b, HeadSpec()),
-                        targets, "tike", top_k=5, tail=tail, old_logprobs=old_logp)
+    logq = reference_logprobs(ref_h, ref_w, ref_b, torch.cat([out.topk_indices, targets[:, None]], 1), tiling=TILING)
+    ours = truncated_kl(
+        out.topk_logprobs,
+        logq[:, :-1],
+        out.logprob,
+        logq[:, -1],
+        (out.topk_indices == targets[:, None]).any(-1),
+        importance_ratio(out.logprob, old_logp),
+        tail,
+    )
+    dense = kl_estimate(
+        dense_logits(hidden, weight, bias, HeadSpec()),
+        dense_logits(ref_h, ref_w, ref_b, HeadSpec()),
+        targets,
+        "tike",
+        top_k=5,
+        tail=tail,
+        old_logprobs=old_logp,
+    )
     torch.testing.assert_close(ours, dense, atol=2e-5, rtol=1e-5)
     for a, b in zip(grads(ours.sum(), (hidden, weight, bias)), grads(dense.sum(), (hidden, weight, bias))):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)

@@ -15,8 +15,13 @@ pytest.importorskip("triton")
 @pytest.mark.slow
 def test_triton_kernels_match_the_torch_folds():
     script = Path(__file__).with_name("triton_interpret_check.py")
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     differences = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(differences) == 13

@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 import yaml
-
 from launch import RECIPES, launch, train_in_process
 
 PER_DEVICE = 4  # 2 processes x 4 completions = the one-process batch of 8
@@ -41,17 +40,34 @@ def one_process(tiny_model_dir, tmp_path_factory):
 
     def get(estimator: str) -> dict:
         if estimator not in cache:
-            cache[estimator] = train_in_process(tiny_model_dir, tmp_path_factory.mktemp(f"single-{estimator}"),
-                                                kl_estimator=estimator, per_device_batch=2 * PER_DEVICE,
-                                                rollout="deterministic")
+            cache[estimator] = train_in_process(
+                tiny_model_dir,
+                tmp_path_factory.mktemp(f"single-{estimator}"),
+                kl_estimator=estimator,
+                per_device_batch=2 * PER_DEVICE,
+                rollout="deterministic",
+            )
         return cache[estimator]
 
     return get
 
 
 def _launch_and_check(recipe, estimator, tiny_model_dir, tmp_path, one_process, distributed_type, cpu=True):
-    result = launch(recipe, ["--model-dir", str(tiny_model_dir), "--kl-estimator", estimator,
-                             "--per-device-batch", str(PER_DEVICE), "--rollout", "deterministic"], tmp_path, cpu=cpu)
+    result = launch(
+        recipe,
+        [
+            "--model-dir",
+            str(tiny_model_dir),
+            "--kl-estimator",
+            estimator,
+            "--per-device-batch",
+            str(PER_DEVICE),
+            "--rollout",
+            "deterministic",
+        ],
+        tmp_path,
+        cpu=cpu,
+    )
     assert result["world_size"] == 2 and result["ranks"] == [0, 1]
     assert result["distributed_type"] == f"DistributedType.{distributed_type}"
     steps = result["steps"]
@@ -86,6 +102,8 @@ def test_zero3_gathers_the_sharded_heads(tiny_model_dir, tmp_path, one_process, 
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 needs 2 GPUs: accelerate has no FSDP on CPU processes")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="FSDP2 needs 2 GPUs: accelerate has no FSDP on CPU processes"
+)
 def test_fsdp2_two_gpus(tiny_model_dir, tmp_path, one_process):
     _launch_and_check("fsdp2", "tike", tiny_model_dir, tmp_path, one_process, "FSDP", cpu=False)

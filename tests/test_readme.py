@@ -20,6 +20,12 @@ def test_readme_has_the_examples():
 @pytest.mark.slow
 @pytest.mark.parametrize("snippet", RUNNABLE, ids=lambda s: s.splitlines()[0][:40])
 def test_readme_snippet_runs(snippet, tmp_path):
-    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=900, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    result = subprocess.run(
+        [sys.executable, "-c", snippet],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,13 +8,13 @@ import os
 
 import pytest
 import torch
+from test_trainer import COMMON, make_trainer
+from tiny import WORDS, load_tokenizer, prompt_dataset, reward_length, save_tiny_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tike_trl.fused_head as fused_head
 from tike_trl import TIKEConfig, TIKEGRPOTrainer, kl_estimate
 from tike_trl.estimators import importance_ratio
-from test_trainer import COMMON, make_trainer
-from tiny import WORDS, load_tokenizer, prompt_dataset, reward_length, save_tiny_model
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL
 
@@ -42,17 +42,25 @@ def fixed_rollout(completions: list[list[int]]):
     def rollout(prompts, trainer):
         tokenizer = trainer.processing_class
         prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-        return {"prompt_ids": prompt_ids, "completion_ids": [completions[i % len(completions)]
-                                                              for i in range(len(prompts))], "logprobs": None}
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": [completions[i % len(completions)] for i in range(len(prompts))],
+            "logprobs": None,
+        }
 
     return rollout
 
 
 def rollout_trainer(model_dir, tmp_path, completions, reward=reward_length, **overrides):
     args = TIKEConfig(output_dir=str(tmp_path / "out"), **{**COMMON, "beta": 0.05, "tike_top_k": 4, **overrides})
-    return TIKEGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=reward, args=args,
-                           train_dataset=prompt_dataset(), processing_class=load_tokenizer(model_dir),
-                           rollout_func=fixed_rollout(completions))
+    return TIKEGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        reward_funcs=reward,
+        args=args,
+        train_dataset=prompt_dataset(),
+        processing_class=load_tokenizer(model_dir),
+        rollout_func=fixed_rollout(completions),
+    )
 
 
 EOS = 1
@@ -80,8 +88,9 @@ def test_rollout_returning_no_tokens_is_a_clear_error(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("estimator", ["tike", "rb"])
 def test_all_masked_micro_batch(tiny_model_dir, tmp_path, estimator):
     # every completion truncated and masked out: no token is scored, the step still runs
-    trainer = rollout_trainer(tiny_model_dir, tmp_path, [TRUNCATED], kl_estimator=estimator,
-                              mask_truncated_completions=True)
+    trainer = rollout_trainer(
+        tiny_model_dir, tmp_path, [TRUNCATED], kl_estimator=estimator, mask_truncated_completions=True
+    )
     trainer.train()
     logs = assert_healthy(trainer)
     assert all(log["kl"] == 0.0 for log in logs)
@@ -100,8 +109,13 @@ def _patchy_reward(completions, **_):
 
 @pytest.mark.parametrize("estimator", ["tike", "rb"])
 def test_rewards_none_and_nan(tiny_model_dir, tmp_path, estimator):
-    trainer = rollout_trainer(tiny_model_dir, tmp_path, [NORMAL, [5, EOS], TRUNCATED, [6, 7, 8, EOS]],
-                              reward=_patchy_reward, kl_estimator=estimator)
+    trainer = rollout_trainer(
+        tiny_model_dir,
+        tmp_path,
+        [NORMAL, [5, EOS], TRUNCATED, [6, 7, 8, EOS]],
+        reward=_patchy_reward,
+        kl_estimator=estimator,
+    )
     trainer.train()
     assert_healthy(trainer)
 
@@ -112,7 +126,7 @@ def _save_padded_model(path, extra_rows=24, boost=8.0):
     save_tiny_model(path, vocab_size=len(WORDS) + extra_rows)
     model = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
-        model.lm_head.weight[len(WORDS):] *= boost
+        model.lm_head.weight[len(WORDS) :] *= boost
     model.save_pretrained(path)
     return path
 
@@ -129,8 +143,13 @@ def test_padded_vocabulary_rows_never_in_the_top_k(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fused_head, "policy_head", spy)
     # the user keeps padding rows out of generation too, as with any padded head
-    trainer = make_trainer(path, tmp_path, kl_estimator="tike", tike_top_k=4,
-                           generation_kwargs={"suppress_tokens": list(range(len(WORDS), len(WORDS) + 24))})
+    trainer = make_trainer(
+        path,
+        tmp_path,
+        kl_estimator="tike",
+        tike_top_k=4,
+        generation_kwargs={"suppress_tokens": list(range(len(WORDS), len(WORDS) + 24))},
+    )
     assert trainer._top_k_vocab == len(WORDS)
     trainer.train()
     assert_healthy(trainer)
@@ -193,8 +212,9 @@ def _kl_term(trainer, inputs) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["truncate", "mask"])
 @pytest.mark.parametrize("tail", ["sampled", "mc"])
 def test_extreme_ratio_cannot_make_the_kl_term_non_finite(tiny_model_dir, tmp_path, mode, tail):
-    trainer = make_trainer(tiny_model_dir, tmp_path, kl_estimator="tike", tike_tail=tail, tike_is_clip=3.0,
-                           tike_is_clip_mode=mode)
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, kl_estimator="tike", tike_tail=tail, tike_is_clip=3.0, tike_is_clip_mode=mode
+    )
     kl = _kl_term(trainer, _extreme_off_policy_batch(trainer))
     assert torch.isfinite(kl)
     grads = torch.autograd.grad(kl, [p for p in trainer.model.parameters() if p.requires_grad], allow_unused=True)
@@ -214,8 +234,10 @@ def test_ratio_modes():
     assert importance_ratio(logp, old, None)[2] == pytest.approx(math.exp(8.0))
 
 
-@pytest.mark.parametrize("field,value", [("tike_is_clip", 0.0), ("tike_is_clip", -1.0), ("tike_is_clip", "big"),
-                                         ("tike_is_clip_mode", "clip")])
+@pytest.mark.parametrize(
+    "field,value",
+    [("tike_is_clip", 0.0), ("tike_is_clip", -1.0), ("tike_is_clip", "big"), ("tike_is_clip_mode", "clip")],
+)
 def test_invalid_clip_settings(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         TIKEConfig(output_dir=str(tmp_path), use_cpu=True, **{field: value})
@@ -267,8 +289,15 @@ def _per_step(trainer):
 
 @pytest.mark.parametrize("estimator", ["tike", "rb"])
 def test_resume_from_checkpoint_matches_uninterrupted(tiny_model_dir, tmp_path, estimator):
-    settings = dict(kl_estimator=estimator, tike_top_k=4, max_steps=4, save_strategy="steps", save_steps=2,
-                    learning_rate=1e-2, lr_scheduler_type="linear")
+    settings = dict(
+        kl_estimator=estimator,
+        tike_top_k=4,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+    )
     straight = make_trainer(tiny_model_dir, tmp_path / "a", **settings)
     straight.train()
 

@@ -9,23 +9,39 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny import load_tokenizer, prompt_dataset, reward_length, save_tiny_model
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from benchmarks.heads import DenseHeadTrainer
 from tike_trl import TIKEConfig, TIKEGRPOTrainer
-from tiny import load_tokenizer, prompt_dataset, reward_length, save_tiny_model
 
-COMMON = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=2,
-              learning_rate=5e-2, logging_steps=1, report_to="none", use_cpu=True, bf16=False, save_strategy="no",
-              disable_tqdm=True, seed=0)
+COMMON = dict(
+    per_device_train_batch_size=4,
+    num_generations=4,
+    max_completion_length=8,
+    max_steps=2,
+    learning_rate=5e-2,
+    logging_steps=1,
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    save_strategy="no",
+    disable_tqdm=True,
+    seed=0,
+)
 
 
 def make_trainer(model_dir, tmp_path, cls=TIKEGRPOTrainer, config_cls=TIKEConfig, model=None, **overrides):
     args = config_cls(output_dir=str(tmp_path / "out"), **{**COMMON, "beta": 0.05, **overrides})
     model = model if model is not None else AutoModelForCausalLM.from_pretrained(model_dir)
-    return cls(model=model, reward_funcs=reward_length, args=args, train_dataset=prompt_dataset(),
-               processing_class=load_tokenizer(model_dir))
+    return cls(
+        model=model,
+        reward_funcs=reward_length,
+        args=args,
+        train_dataset=prompt_dataset(),
+        processing_class=load_tokenizer(model_dir),
+    )
 
 
 def train_and_check(trainer, expect_topk_mass: bool = False) -> list[dict]:
@@ -42,8 +58,15 @@ def train_and_check(trainer, expect_topk_mass: bool = False) -> list[dict]:
     return logs
 
 
-ESTIMATOR_CASES = [("k1", "sampled"), ("k2", "sampled"), ("k3", "sampled"), ("rb", "sampled"),
-                   ("tike", "sampled"), ("tike", "drop"), ("tike", "mc")]
+ESTIMATOR_CASES = [
+    ("k1", "sampled"),
+    ("k2", "sampled"),
+    ("k3", "sampled"),
+    ("rb", "sampled"),
+    ("tike", "sampled"),
+    ("tike", "drop"),
+    ("tike", "mc"),
+]
 
 
 @pytest.mark.parametrize("estimator,tail", ESTIMATOR_CASES)
@@ -64,8 +87,9 @@ def test_loss_types(tiny_model_dir, tmp_path, loss_type, estimator):
 
 @pytest.mark.parametrize("estimator", ["tike", "rb"])
 def test_num_iterations_two(tiny_model_dir, tmp_path, estimator):
-    trainer = make_trainer(tiny_model_dir, tmp_path, kl_estimator=estimator, num_iterations=2, tike_top_k=4,
-                           tike_tail="mc")
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, kl_estimator=estimator, num_iterations=2, tike_top_k=4, tike_tail="mc"
+    )
     train_and_check(trainer, expect_topk_mass=estimator == "tike")
 
 
@@ -78,11 +102,17 @@ def _last_hidden(model, input_ids):
 
 @pytest.mark.parametrize("estimator", ["tike", "rb"])
 def test_peft_new_adapter_reference_is_adapters_disabled(tiny_model_dir, tmp_path, estimator):
-    args = TIKEConfig(output_dir=str(tmp_path / "out"), **{**COMMON, "beta": 0.05}, kl_estimator=estimator,
-                      tike_top_k=4)
-    trainer = TIKEGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=reward_length,
-                              args=args, train_dataset=prompt_dataset(), processing_class=load_tokenizer(tiny_model_dir),
-                              peft_config=LoraConfig(**LORA))
+    args = TIKEConfig(
+        output_dir=str(tmp_path / "out"), **{**COMMON, "beta": 0.05}, kl_estimator=estimator, tike_top_k=4
+    )
+    trainer = TIKEGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        reward_funcs=reward_length,
+        args=args,
+        train_dataset=prompt_dataset(),
+        processing_class=load_tokenizer(tiny_model_dir),
+        peft_config=LoraConfig(**LORA),
+    )
     assert trainer.ref_model is None
     logs = train_and_check(trainer, expect_topk_mass=estimator == "tike")
     assert logs[1]["kl"] > 1e-6  # the adapter moved; the reference did not
@@ -99,8 +129,9 @@ def test_peft_new_adapter_reference_is_adapters_disabled(tiny_model_dir, tmp_pat
 
 def test_peft_existing_adapter_reference_is_its_initial_copy(tiny_model_dir, tmp_path):
     # TRL's rule: re-training an existing adapter compares against a frozen copy named "ref"
-    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                          LoraConfig(**LORA, init_lora_weights=False))
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(**LORA, init_lora_weights=False)
+    )
     trainer = make_trainer(tiny_model_dir, tmp_path, model=lora, kl_estimator="tike", tike_top_k=4)
     assert "ref" in trainer.model.peft_config
     logs = train_and_check(trainer, expect_topk_mass=True)
@@ -133,8 +164,11 @@ def test_k3_equals_trl(tiny_model_dir, tmp_path, loss_type, sequence_level):
     trl_trainer.loss_type, trl_trainer.importance_sampling_level = loss_type, level["importance_sampling_level"]
     ours = make_trainer(tiny_model_dir, tmp_path, kl_estimator="k3", **level)
     # an off-policy batch, so TRL's ratio and its gradient matter
-    inputs = {**inputs, "old_per_token_logps": inputs["ref_per_token_logps"] - 0.1 * torch.rand_like(
-        inputs["ref_per_token_logps"], generator=torch.Generator().manual_seed(1))}
+    inputs = {
+        **inputs,
+        "old_per_token_logps": inputs["ref_per_token_logps"]
+        - 0.1 * torch.rand_like(inputs["ref_per_token_logps"], generator=torch.Generator().manual_seed(1)),
+    }
     with torch.no_grad():  # move the policy away from the reference, so the KL is not zero
         for p_ours, p_trl in zip(ours.model.parameters(), trl_trainer.model.parameters()):
             p_trl.add_(0.05 * torch.randn(p_trl.shape, generator=torch.Generator().manual_seed(p_trl.numel())))
@@ -159,8 +193,11 @@ def test_tiled_head_equals_dense_head_tied_embeddings(tied_model_dir, tmp_path, 
     the loss and gradients of the naive head that materialises both models' log_softmax (the
     benchmarks' `DenseHead`, built on `tike_trl.estimators`), off-policy."""
     _, inputs = _fixed_batch(tied_model_dir, tmp_path)
-    inputs = {**inputs, "old_per_token_logps": inputs["ref_per_token_logps"] - 0.1 * torch.rand_like(
-        inputs["ref_per_token_logps"], generator=torch.Generator().manual_seed(2))}
+    inputs = {
+        **inputs,
+        "old_per_token_logps": inputs["ref_per_token_logps"]
+        - 0.1 * torch.rand_like(inputs["ref_per_token_logps"], generator=torch.Generator().manual_seed(2)),
+    }
     options = dict(kl_estimator=estimator, tike_tail=tail, tike_top_k=4)
     tiled = make_trainer(tied_model_dir, tmp_path, **options)
     dense = make_trainer(tied_model_dir, tmp_path, cls=DenseHeadTrainer, **options)
@@ -185,6 +222,7 @@ def _count_forwards(trainer) -> dict[str, int]:
     def counter(name):
         def hook(module, args, kwargs):
             counts[name] += 1
+
         return hook
 
     handles = [m.register_forward_pre_hook(counter(n), with_kwargs=True) for n, m in models.items() if m is not None]
@@ -217,8 +255,9 @@ def test_generation_time_reference_pass_skipped(tiny_model_dir, tmp_path):
 # ---- bad input ----
 
 
-@pytest.mark.parametrize("field,value", [("kl_estimator", "k4"), ("tike_tail", "tails"), ("tike_top_k", 0),
-                                         ("tike_top_k", -3)])
+@pytest.mark.parametrize(
+    "field,value", [("kl_estimator", "k4"), ("tike_tail", "tails"), ("tike_top_k", 0), ("tike_top_k", -3)]
+)
 def test_config_rejects(tmp_path, field, value):
     with pytest.raises(ValueError) as err:
         TIKEConfig(output_dir=str(tmp_path), use_cpu=True, **{field: value})
@@ -233,7 +272,12 @@ def test_config_error_lists_allowed_values(tmp_path):
 def test_config_defaults(tmp_path):
     args = TIKEConfig(output_dir=str(tmp_path), use_cpu=True)
     assert (args.beta, args.kl_estimator, args.tike_top_k, args.tike_tail, args.tike_importance_weight) == (
-        1e-3, "tike", 16, "sampled", True)
+        1e-3,
+        "tike",
+        16,
+        "sampled",
+        True,
+    )
 
 
 def test_beta_zero_warns(tmp_path):

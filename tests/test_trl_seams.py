@@ -27,31 +27,127 @@ def test_fused_forward_calls_the_swappable_kernel_global():
     assert "_ChunkedLogProbFunction.apply(" in source
 
 
-@pytest.mark.parametrize("name,params", [
-    ("_forward_tile", ["tile", "tile_stride", "targets", "running_max", "sum_exp", "x_sum_exp", "sq_sum_exp", "z_sum",
-                       "max_before_target", "target_logit", "vocab_start", "n_cols", "logit_scale", "softcap", "inv_t",
-                       "HAS_SOFTCAP", "HAS_ENTROPY", "HAS_LOG_SUM_SQ_PROBS", "HAS_MEAN_LOGITS", "HAS_IS_TOP1",
-                       "BLOCK_SIZE"]),
-    ("_backward_tile", ["tile", "tile_stride", "targets", "log_z", "entropy", "grad_logprobs", "grad_entropy",
-                        "vocab_start", "n_cols", "logit_scale", "softcap", "inv_t", "HAS_SOFTCAP", "HAS_LOGPROB_GRAD",
-                        "HAS_ENTROPY_GRAD", "BLOCK_SIZE"]),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        (
+            "_forward_tile",
+            [
+                "tile",
+                "tile_stride",
+                "targets",
+                "running_max",
+                "sum_exp",
+                "x_sum_exp",
+                "sq_sum_exp",
+                "z_sum",
+                "max_before_target",
+                "target_logit",
+                "vocab_start",
+                "n_cols",
+                "logit_scale",
+                "softcap",
+                "inv_t",
+                "HAS_SOFTCAP",
+                "HAS_ENTROPY",
+                "HAS_LOG_SUM_SQ_PROBS",
+                "HAS_MEAN_LOGITS",
+                "HAS_IS_TOP1",
+                "BLOCK_SIZE",
+            ],
+        ),
+        (
+            "_backward_tile",
+            [
+                "tile",
+                "tile_stride",
+                "targets",
+                "log_z",
+                "entropy",
+                "grad_logprobs",
+                "grad_entropy",
+                "vocab_start",
+                "n_cols",
+                "logit_scale",
+                "softcap",
+                "inv_t",
+                "HAS_SOFTCAP",
+                "HAS_LOGPROB_GRAD",
+                "HAS_ENTROPY_GRAD",
+                "BLOCK_SIZE",
+            ],
+        ),
+    ],
+)
 def test_logprob_tile_kernels(name, params):
     assert list(inspect.signature(getattr(chunked_logprob, name)).parameters) == params
-    for attr in ("_forward_kernel", "_backward_kernel", "_torch_transform", "_addmm_fp32", "_use_triton",
-                 "_BLOCK_SIZE", "TOKEN_CHUNK_SIZE"):
+    for attr in (
+        "_forward_kernel",
+        "_backward_kernel",
+        "_torch_transform",
+        "_addmm_fp32",
+        "_use_triton",
+        "_BLOCK_SIZE",
+        "TOKEN_CHUNK_SIZE",
+    ):
         assert hasattr(chunked_logprob, attr), attr
 
 
-@pytest.mark.parametrize("name,params", [
-    ("_stats_tile", ["s_tile", "s_stride", "t_tile", "t_stride", "s_max", "s_sum", "s_x_sum", "t_max", "t_sum",
-                     "t_weighted_gap", "s_weighted_gap", "n_cols", "s_scale", "s_softcap", "t_scale", "t_softcap",
-                     "inv_t", "S_HAS_SOFTCAP", "T_HAS_SOFTCAP", "BLOCK_SIZE"]),
-    ("_backward_tile", ["s_tile", "s_stride", "t_tile", "t_stride", "s_log_z", "t_log_z", "aux", "grad_divergence",
-                        "n_cols", "beta", "s_scale", "s_softcap", "t_scale", "t_softcap", "inv_t", "MODE",
-                        "S_HAS_SOFTCAP", "T_HAS_SOFTCAP", "BLOCK_SIZE"]),
-    ("_project", ["tile", "hidden_chunk", "weight", "bias", "start", "end", "dtype"]),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        (
+            "_stats_tile",
+            [
+                "s_tile",
+                "s_stride",
+                "t_tile",
+                "t_stride",
+                "s_max",
+                "s_sum",
+                "s_x_sum",
+                "t_max",
+                "t_sum",
+                "t_weighted_gap",
+                "s_weighted_gap",
+                "n_cols",
+                "s_scale",
+                "s_softcap",
+                "t_scale",
+                "t_softcap",
+                "inv_t",
+                "S_HAS_SOFTCAP",
+                "T_HAS_SOFTCAP",
+                "BLOCK_SIZE",
+            ],
+        ),
+        (
+            "_backward_tile",
+            [
+                "s_tile",
+                "s_stride",
+                "t_tile",
+                "t_stride",
+                "s_log_z",
+                "t_log_z",
+                "aux",
+                "grad_divergence",
+                "n_cols",
+                "beta",
+                "s_scale",
+                "s_softcap",
+                "t_scale",
+                "t_softcap",
+                "inv_t",
+                "MODE",
+                "S_HAS_SOFTCAP",
+                "T_HAS_SOFTCAP",
+                "BLOCK_SIZE",
+            ],
+        ),
+        ("_project", ["tile", "hidden_chunk", "weight", "bias", "start", "end", "dtype"]),
+    ],
+)
 def test_divergence_tile_kernels(name, params):
     assert list(inspect.signature(getattr(chunked_divergence, name)).parameters) == params
     assert hasattr(chunked_divergence, "_stats_kernel") and hasattr(chunked_divergence, "VOCAB_CHUNK_SIZE")
@@ -62,7 +158,7 @@ def test_grpo_trainer_methods_we_extend():
         assert callable(getattr(GRPOTrainer, name))
     loss_source = inspect.getsource(GRPOTrainer._compute_loss)
     assert "self._get_per_token_logps_and_entropies(" in loss_source
-    assert 'if self.beta != 0.0:' in loss_source and 'inputs["ref_per_token_logps"]' in loss_source
+    assert "if self.beta != 0.0:" in loss_source and 'inputs["ref_per_token_logps"]' in loss_source
 
 
 def _fused_outputs(model, input_ids, head=None):
@@ -79,7 +175,7 @@ def test_our_head_returns_what_trls_kernel_returns(tiny_model_dir):
     trl_utils.add_fused_lm_head(model, temperature=0.8, outputs=("log_probs", "entropy"))
     ids = torch.randint(3, 30, (3, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = _fused_outputs(model, ids, capture := ReferenceCapture())
+        _fused_outputs(model, ids, capture := ReferenceCapture())
         ours = _fused_outputs(model, ids, head := TIKEHead(capture.heads, top_k=4, exact_kl=True))
         theirs = _fused_outputs(model, ids)
     assert trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction  # restored

@@ -24,16 +24,25 @@ tiling = Tiling(tokens=8, vocab=64, block=8)
 def outputs() -> dict[str, torch.Tensor]:
     exact = policy_head(hidden, weight, bias, targets, spec, k, RefHead(ref_hidden, ref_weight, None, spec), tiling)
     top = policy_head(hidden, weight, bias, targets, spec, k, None, tiling)
-    grads_exact = torch.autograd.grad(exact.logprob.sum() + exact.entropy.sum() + exact.topk_logprobs.sum()
-                                      + exact.exact_kl.sum(), (hidden, weight, bias))
-    grads_top = torch.autograd.grad(top.logprob.sum() + top.entropy.sum() + top.topk_logprobs.sum(),
-                                    (hidden, weight, bias))
+    grads_exact = torch.autograd.grad(
+        exact.logprob.sum() + exact.entropy.sum() + exact.topk_logprobs.sum() + exact.exact_kl.sum(),
+        (hidden, weight, bias),
+    )
+    grads_top = torch.autograd.grad(
+        top.logprob.sum() + top.entropy.sum() + top.topk_logprobs.sum(), (hidden, weight, bias)
+    )
     indices = torch.cat([top.topk_indices, targets[:, None]], 1)
-    return {"exact.logprob": exact.logprob, "exact.entropy": exact.entropy, "exact.kl": exact.exact_kl,
-            "top.logprob": top.logprob, "top.entropy": top.entropy, "top.topk_logprobs": top.topk_logprobs,
-            "reference": reference_logprobs(ref_hidden, ref_weight, None, indices, spec, tiling),
-            **{f"exact.grad{i}": g for i, g in enumerate(grads_exact)},
-            **{f"top.grad{i}": g for i, g in enumerate(grads_top)}}
+    return {
+        "exact.logprob": exact.logprob,
+        "exact.entropy": exact.entropy,
+        "exact.kl": exact.exact_kl,
+        "top.logprob": top.logprob,
+        "top.entropy": top.entropy,
+        "top.topk_logprobs": top.topk_logprobs,
+        "reference": reference_logprobs(ref_hidden, ref_weight, None, indices, spec, tiling),
+        **{f"exact.grad{i}": g for i, g in enumerate(grads_exact)},
+        **{f"top.grad{i}": g for i, g in enumerate(grads_top)},
+    }
 
 
 torch_path = outputs()

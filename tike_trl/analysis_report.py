@@ -8,8 +8,16 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-COLORS = {"k1": "tab:blue", "k3": "tab:orange", "rb": "tab:purple", "tike-drop": "tab:red",
-          "tike-sampled": "tab:pink", "tike-mc": "tab:brown", "mc-seq": "tab:cyan", "rb-seq": "tab:olive"}
+COLORS = {
+    "k1": "tab:blue",
+    "k3": "tab:orange",
+    "rb": "tab:purple",
+    "tike-drop": "tab:red",
+    "tike-sampled": "tab:pink",
+    "tike-mc": "tab:brown",
+    "mc-seq": "tab:cyan",
+    "rb-seq": "tab:olive",
+}
 TABLE_SIZES = (1, 5, 10)  # the Rao-Blackwellized paper's table reports M = 1, 5, 10
 
 
@@ -18,8 +26,11 @@ def write_report(results: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "results.json", out_dir / "report.md"]
     paths[0].write_text(json.dumps(results, indent=1, default=float))
-    for name, plot in (("coverage.png", plot_coverage), ("bias_variance.png", plot_bias_variance),
-                       ("token_profile.png", plot_profile)):
+    for name, plot in (
+        ("coverage.png", plot_coverage),
+        ("bias_variance.png", plot_bias_variance),
+        ("token_profile.png", plot_profile),
+    ):
         fig = plot(results)
         fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
         paths.append(out_dir / name)
@@ -41,15 +52,32 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def coverage_markdown(results: dict) -> tuple[str, str]:
     """The coverage tables: by k (TIKE Table 7) and by regime (Table 2)."""
     cov = results["coverage"]
-    rows = [[str(k), _num(t["all"]["mean_mass"]), _num(t["all"]["mean_abs_tail"]), _num(t["all"]["p95_abs_tail"]),
-             _num(t["all"]["sampled_in_topk"])] for k, t in cov["table"].items()]
+    rows = [
+        [
+            str(k),
+            _num(t["all"]["mean_mass"]),
+            _num(t["all"]["mean_abs_tail"]),
+            _num(t["all"]["p95_abs_tail"]),
+            _num(t["all"]["sampled_in_topk"]),
+        ]
+        for k, t in cov["table"].items()
+    ]
     by_k = _table(["k", "mean m_k", "mean abs ξ_tail", "p95 abs ξ_tail", "o ∈ S_k"], rows)
     rows = []
     for k, t in cov["table"].items():
         for regime, r in t.items():
             if regime != "all":
-                rows.append([str(k), f"m_{k} {regime[1:]}", _num(r["fraction"]), _num(r["mean_mass"]),
-                             _num(r["mean_entropy"]), _num(r["mean_abs_tail"]), _num(r["p95_abs_tail"])])
+                rows.append(
+                    [
+                        str(k),
+                        f"m_{k} {regime[1:]}",
+                        _num(r["fraction"]),
+                        _num(r["mean_mass"]),
+                        _num(r["mean_entropy"]),
+                        _num(r["mean_abs_tail"]),
+                        _num(r["p95_abs_tail"]),
+                    ]
+                )
     by_regime = _table(["k", "regime", "frac.", "mean m_k", "mean H(π_θ)", "mean abs ξ_tail", "p95 abs ξ_tail"], rows)
     return by_k, by_regime
 
@@ -66,8 +94,10 @@ def bias_variance_markdown(results: dict) -> str:
 
 
 def gradient_markdown(results: dict) -> str:
-    rows = [[name, _num(g["norm_mean"]), _num(g["norm_var"]), _num(g["total_var"]), _num(g["cos_to_exact"])]
-            for name, g in results["gradient"]["summary"].items()]
+    rows = [
+        [name, _num(g["norm_mean"]), _num(g["norm_var"]), _num(g["total_var"]), _num(g["cos_to_exact"])]
+        for name, g in results["gradient"]["summary"].items()
+    ]
     return _table(["estimator", "mean ‖ḡ‖", "Var ‖ḡ‖", "E‖ḡ − Eḡ‖²", "cos(Eḡ, exact)"], rows)
 
 
@@ -86,13 +116,17 @@ def render_markdown(results: dict) -> str:
         f"KL (Eq. 11, summed over the tail), o ∈ S_k the share of sampled tokens inside the top-k. Mean exact "
         f"per-token KL: {_num(cov['mean_exact_kl'])} nats. Eq. 12 (exact = truncated + ξ_tail, each side summed "
         f"separately) holds to {cov['identity_max_abs_error']:.1e}.",
-        by_k, "By regime:", by_regime, "![coverage](coverage.png)",
+        by_k,
+        "By regime:",
+        by_regime,
+        "![coverage](coverage.png)",
         "## Bias and variance of sequence-level KL estimates (TIKE Figure 4, Rao-Blackwellized paper table)",
         f"Per prompt, M sequences are drawn with replacement from the pool and each estimator's per-token values are "
         f"summed over a sequence and averaged over the M sequences; mean ± std over the resamples, then averaged over "
         f"prompts. Ground truth: the exact (rb) estimate over the whole pool, {_num(bv['summary']['truth'])} nats per "
         f"sequence on average. TIKE uses k = {cov['tike_k']}.",
-        bias_variance_markdown(results), "![bias and variance](bias_variance.png)",
+        bias_variance_markdown(results),
+        "![bias and variance](bias_variance.png)",
     ]
     if results["gradient"]:
         g = s["gradient_parameters"]
@@ -107,9 +141,11 @@ def render_markdown(results: dict) -> str:
             f"or rb-seq's (sequence-level).",
             gradient_markdown(results),
         ]
-    parts += ["## Token-level probability profile (TIKE Figure 2)",
-              f"Along the longest sampled completion of the prompt {results['profile']['prompt']!r}.",
-              "![token profile](token_profile.png)"]
+    parts += [
+        "## Token-level probability profile (TIKE Figure 2)",
+        f"Along the longest sampled completion of the prompt {results['profile']['prompt']!r}.",
+        "![token profile](token_profile.png)",
+    ]
     return "\n\n".join(parts) + "\n"
 
 
@@ -142,7 +178,10 @@ def _short(prompt: str, width: int = 32) -> str:
 def plot_bias_variance(results: dict) -> Figure:
     bv = results["bias_variance"]
     sizes = bv["sizes"]
-    panels = [(f"prompt {i + 1}: {_short(p['prompt'])}", p["estimators"], p["truth"]) for i, p in enumerate(bv["prompts"][:3])]
+    panels = [
+        (f"prompt {i + 1}: {_short(p['prompt'])}", p["estimators"], p["truth"])
+        for i, p in enumerate(bv["prompts"][:3])
+    ]
     panels.append((f"mean over {len(bv['prompts'])} prompts", bv["summary"]["estimators"], bv["summary"]["truth"]))
     fig = Figure(figsize=(4.2 * len(panels), 3.6))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -151,7 +190,14 @@ def plot_bias_variance(results: dict) -> Figure:
             lo = [m - s for m, s in zip(e["mean"], e["std"])]
             hi = [m + s for m, s in zip(e["mean"], e["std"])]
             exact = name == "rb"
-            ax.plot(sizes, e["mean"], color=COLORS.get(name), label=name, lw=2.5 if exact else 1.5, zorder=3 if exact else 2)
+            ax.plot(
+                sizes,
+                e["mean"],
+                color=COLORS.get(name),
+                label=name,
+                lw=2.5 if exact else 1.5,
+                zorder=3 if exact else 2,
+            )
             ax.fill_between(sizes, lo, hi, color=COLORS.get(name), alpha=0.12)
         ax.axhline(truth, color="black", ls=":", lw=1, label="rb over the whole pool")
         ax.set(xscale="log", xlabel="sample count M", title=title)

@@ -57,8 +57,16 @@ class AnalysisConfig:
 
     def __post_init__(self) -> None:
         self.ks = tuple(sorted(set(self.ks)))
-        for name in ("prompts", "completion_len", "pool", "bootstrap", "grad_batch", "tike_k", "chunk_positions",
-                     "sample_batch"):
+        for name in (
+            "prompts",
+            "completion_len",
+            "pool",
+            "bootstrap",
+            "grad_batch",
+            "tike_k",
+            "chunk_positions",
+            "sample_batch",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1.")
@@ -110,6 +118,7 @@ class LanguageModel:
 
 
 # ---- models and prompts ----
+
 
 def trained_policy_dir(root: Path = TRAIN_OUTPUT_DIR) -> Path | None:
     """`tike-trl train`'s saved model: the output directory itself, else its latest checkpoint."""
@@ -182,6 +191,7 @@ def stop_ids(model: torch.nn.Module, tokenizer) -> set[int]:
 
 # ---- sampling ----
 
+
 @dataclass
 class Pool:
     """Sequences sampled from the policy for one prompt and the states that scored them."""
@@ -193,8 +203,15 @@ class Pool:
 
 
 @torch.no_grad()
-def sample_pool(policy: LanguageModel, prompt_ids: torch.Tensor, size: int, max_len: int, stop: set[int],
-                generator: torch.Generator, progress: tqdm) -> Pool:
+def sample_pool(
+    policy: LanguageModel,
+    prompt_ids: torch.Tensor,
+    size: int,
+    max_len: int,
+    stop: set[int],
+    generator: torch.Generator,
+    progress: tqdm,
+) -> Pool:
     """Sample `size` completions exactly from the policy's (temperature-scaled) distribution,
     keeping the state that predicted each token. The prompt is encoded once and its KV cache
     shared by every sample."""
@@ -247,6 +264,7 @@ def sequence_chunks(lengths: torch.Tensor, max_positions: int) -> Iterator[slice
 
 # ---- the analysis ----
 
+
 def bootstrap_sizes(pool: int) -> list[int]:
     """Sample counts M on a 1-2-5 grid up to the pool size, as in TIKE Figure 4's log axis."""
     grid = [m * 10**e for e in range(6) for m in (1, 2, 5)]
@@ -281,19 +299,38 @@ def load_models(config: AnalysisConfig, tokenizer=None) -> Models:
         raise InputError("The policy and the reference have different vocabularies; they must share a tokenizer.")
     if max(*config.ks, config.tike_k) > vocab:
         raise InputError(f"k={max(*config.ks, config.tike_k)} is larger than the vocabulary ({vocab} tokens).")
-    return Models(policy=LanguageModel(policy_model, config.temperature * names["policy_shift"]),
-                  ref=LanguageModel(ref_model, config.temperature),
-                  tokenizer=tokenizer or AutoTokenizer.from_pretrained(names["policy"]), names=names, shared=shared)
+    return Models(
+        policy=LanguageModel(policy_model, config.temperature * names["policy_shift"]),
+        ref=LanguageModel(ref_model, config.temperature),
+        tokenizer=tokenizer or AutoTokenizer.from_pretrained(names["policy"]),
+        names=names,
+        shared=shared,
+    )
 
 
-def sample_and_score(models: Models, prompt_ids: torch.Tensor, ks: Sequence[int], config: AnalysisConfig,
-                     generator: torch.Generator, bar: tqdm) -> tuple[Pool, diagnostics.ChunkScores, float]:
+def sample_and_score(
+    models: Models,
+    prompt_ids: torch.Tensor,
+    ks: Sequence[int],
+    config: AnalysisConfig,
+    generator: torch.Generator,
+    bar: tqdm,
+) -> tuple[Pool, diagnostics.ChunkScores, float]:
     """One prompt: its pool of completions, their scores, and the seconds spent sampling."""
     started = time.perf_counter()
     stop = stop_ids(models.policy.model, models.tokenizer)
-    parts = [sample_pool(models.policy, prompt_ids, min(config.sample_batch, config.pool - start),
-                         config.completion_len, stop, generator, bar)
-             for start in range(0, config.pool, config.sample_batch)]
+    parts = [
+        sample_pool(
+            models.policy,
+            prompt_ids,
+            min(config.sample_batch, config.pool - start),
+            config.completion_len,
+            stop,
+            generator,
+            bar,
+        )
+        for start in range(0, config.pool, config.sample_batch)
+    ]
     pool = Pool(*(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "layout", "policy_states")))
     pool.ref_states = pool.policy_states if models.shared else reference_states(models.ref, prompt_ids, pool.tokens)
     sampling_s = time.perf_counter() - started
@@ -309,8 +346,11 @@ def run_analysis(config: AnalysisConfig, tokenizer=None, prompts: list | None = 
     started = time.perf_counter()
     models = load_models(config, tokenizer)
     if prompts is None:
-        prompts = (dataset_prompts(config.dataset, config.dataset_split, config.prompts) if config.dataset
-                   else arithmetic_prompts(config.prompts, config.seed))
+        prompts = (
+            dataset_prompts(config.dataset, config.dataset_split, config.prompts)
+            if config.dataset
+            else arithmetic_prompts(config.prompts, config.seed)
+        )
     prompt_ids = [encode_prompt(p, models.tokenizer) for p in prompts]
     generator = torch.Generator().manual_seed(config.seed)
     sizes = bootstrap_sizes(config.pool)
@@ -323,33 +363,59 @@ def run_analysis(config: AnalysisConfig, tokenizer=None, prompts: list | None = 
             pool, scores, seconds = sample_and_score(models, ids, ks, config, generator, bar)
             sampling_s += seconds
             stats.append(scores.stats)
-            per_prompt.append({"prompt": _prompt_text(prompt), "mean_length": pool.layout.sum(1).float().mean().item(),
-                               **diagnostics.bias_variance(scores.sequence_values, sizes, config.bootstrap, generator)})
+            per_prompt.append(
+                {
+                    "prompt": _prompt_text(prompt),
+                    "mean_length": pool.layout.sum(1).float().mean().item(),
+                    **diagnostics.bias_variance(scores.sequence_values, sizes, config.bootstrap, generator),
+                }
+            )
             if scores.sequence_grads is not None:
-                grad_spreads.append(diagnostics.gradient_spread(scores.sequence_grads, config.grad_batch,
-                                                                config.bootstrap, generator))
+                grad_spreads.append(
+                    diagnostics.gradient_spread(scores.sequence_grads, config.grad_batch, config.bootstrap, generator)
+                )
             if profile is None:
-                profile = _profile(pool, scores.stats, ks.index(config.tike_k), config.tike_k, models.tokenizer, prompt)
+                profile = _profile(
+                    pool, scores.stats, ks.index(config.tike_k), config.tike_k, models.tokenizer, prompt
+                )
     all_stats = diagnostics.PositionStats.cat(stats)
     total_s = time.perf_counter() - started
     return {
-        "setup": {**asdict(config), "ks": list(config.ks), **models.names, "vocab_size": models.policy.head.weight.shape[0],
-                  "positions": len(all_stats.exact), "sequences": config.pool * len(prompts),
-                  "gradient_parameters": _grad_parameters(models.policy) if config.gradients else None},
-        "coverage": {"ks": ks, "tike_k": config.tike_k, "table": diagnostics.coverage_table(all_stats, ks),
-                     "identity_max_abs_error": diagnostics.identity_error(all_stats),
-                     "mean_exact_kl": all_stats.exact.mean().item()},
-        "bias_variance": {"sizes": sizes, "unbiased": list(diagnostics.UNBIASED_ESTIMATORS),
-                          "prompts": per_prompt, "summary": _summarise_bias_variance(per_prompt)},
-        "gradient": ({"batch": config.grad_batch, "prompts": grad_spreads, "summary": _mean_over(grad_spreads)}
-                     if grad_spreads else None),
+        "setup": {
+            **asdict(config),
+            "ks": list(config.ks),
+            **models.names,
+            "vocab_size": models.policy.head.weight.shape[0],
+            "positions": len(all_stats.exact),
+            "sequences": config.pool * len(prompts),
+            "gradient_parameters": _grad_parameters(models.policy) if config.gradients else None,
+        },
+        "coverage": {
+            "ks": ks,
+            "tike_k": config.tike_k,
+            "table": diagnostics.coverage_table(all_stats, ks),
+            "identity_max_abs_error": diagnostics.identity_error(all_stats),
+            "mean_exact_kl": all_stats.exact.mean().item(),
+        },
+        "bias_variance": {
+            "sizes": sizes,
+            "unbiased": list(diagnostics.UNBIASED_ESTIMATORS),
+            "prompts": per_prompt,
+            "summary": _summarise_bias_variance(per_prompt),
+        },
+        "gradient": (
+            {"batch": config.grad_batch, "prompts": grad_spreads, "summary": _mean_over(grad_spreads)}
+            if grad_spreads
+            else None
+        ),
         "profile": profile,
         "timing": {"sampling_s": sampling_s, "scoring_s": total_s - sampling_s, "total_s": total_s},
     }
 
 
-def score_pool(pool: Pool, policy: LanguageModel, ref: LanguageModel, ks: Sequence[int],
-               config: AnalysisConfig) -> diagnostics.ChunkScores:
+def score_pool(
+    pool: Pool, policy: LanguageModel, ref: LanguageModel, ks: Sequence[int], config: AnalysisConfig
+) -> diagnostics.ChunkScores:
     """Score a pool a chunk of whole sequences at a time (dense [positions, vocab] logits per chunk)."""
     parts = []
     for rows in sequence_chunks(pool.layout.sum(1), config.chunk_positions):
@@ -357,12 +423,26 @@ def score_pool(pool: Pool, policy: LanguageModel, ref: LanguageModel, ks: Sequen
         policy_states, ref_states = pool.policy_states[rows][layout], pool.ref_states[rows][layout]
         with torch.no_grad():
             ref_logits = ref.logits(ref_states)
-        parts.append(diagnostics.score_chunk(
-            lambda w: policy.logits(policy_states, w), policy.norm.weight if config.gradients else None,
-            ref_logits, pool.tokens[rows][layout], layout, ks, config.tike_k))
-    merge = lambda dicts: None if dicts[0] is None else {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
-    return diagnostics.ChunkScores(diagnostics.PositionStats.cat([p.stats for p in parts]),
-                                   merge([p.sequence_values for p in parts]), merge([p.sequence_grads for p in parts]))
+        parts.append(
+            diagnostics.score_chunk(
+                lambda w: policy.logits(policy_states, w),
+                policy.norm.weight if config.gradients else None,
+                ref_logits,
+                pool.tokens[rows][layout],
+                layout,
+                ks,
+                config.tike_k,
+            )
+        )
+
+    def merge(dicts):
+        return None if dicts[0] is None else {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
+
+    return diagnostics.ChunkScores(
+        diagnostics.PositionStats.cat([p.stats for p in parts]),
+        merge([p.sequence_values for p in parts]),
+        merge([p.sequence_grads for p in parts]),
+    )
 
 
 def _grad_parameters(policy: LanguageModel) -> dict:
@@ -380,10 +460,15 @@ def _profile(pool: Pool, stats: diagnostics.PositionStats, col: int, k: int, tok
     row = int(lengths.argmax())
     start = int(lengths[:row].sum())
     sl = slice(start, start + int(lengths[row]))
-    return {"prompt": _prompt_text(prompt), "k": k,
-            "tokens": tokenizer.convert_ids_to_tokens(pool.tokens[row, : int(lengths[row])].tolist()),
-            "top1": stats.top1[sl].tolist(), "topk_mass": stats.topk_mass[sl, col].tolist(),
-            "p_sampled": stats.p_sampled[sl].tolist(), "exact_kl": stats.exact[sl].tolist()}
+    return {
+        "prompt": _prompt_text(prompt),
+        "k": k,
+        "tokens": tokenizer.convert_ids_to_tokens(pool.tokens[row, : int(lengths[row])].tolist()),
+        "top1": stats.top1[sl].tolist(),
+        "topk_mass": stats.topk_mass[sl, col].tolist(),
+        "p_sampled": stats.p_sampled[sl].tolist(),
+        "exact_kl": stats.exact[sl].tolist(),
+    }
 
 
 def _mean_over(items: list[dict]) -> dict:
@@ -408,32 +493,64 @@ def _summarise_bias_variance(per_prompt: list[dict]) -> dict:
 
 # ---- command line ----
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `tike-trl analyze` options."""
-    parser.add_argument("--policy", help="policy model (path or Hub id). Default: the model saved by `tike-trl train` in "
-                        f"{TRAIN_OUTPUT_DIR} if present, else a built-in shifted policy (the reference at temperature "
-                        f"{SHIFTED_POLICY_TEMPERATURE}).")
+    parser.add_argument(
+        "--policy",
+        help="policy model (path or Hub id). Default: the model saved by `tike-trl train` in "
+        f"{TRAIN_OUTPUT_DIR} if present, else a built-in shifted policy (the reference at temperature "
+        f"{SHIFTED_POLICY_TEMPERATURE}).",
+    )
     parser.add_argument("--ref", help="reference model (path or Hub id). Default: the embedded SmolLM2-135M-Instruct.")
-    parser.add_argument("--policy-temperature", type=float, help="divide the policy's logits (only) by this; "
-                        f"default 1, or {SHIFTED_POLICY_TEMPERATURE} for the built-in shifted policy.")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="sampling temperature, applied to both models' logits as TRL does (default 1.0).")
+    parser.add_argument(
+        "--policy-temperature",
+        type=float,
+        help="divide the policy's logits (only) by this; "
+        f"default 1, or {SHIFTED_POLICY_TEMPERATURE} for the built-in shifted policy.",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature, applied to both models' logits as TRL does (default 1.0).",
+    )
     parser.add_argument("--prompts", type=int, default=8, help="number of prompts (default 8).")
-    parser.add_argument("--dataset", help="prompts from a dataset with a 'prompt' column (a .json/.jsonl/.csv/.parquet "
-                        "file or a `datasets` name) instead of the embedded arithmetic task.")
+    parser.add_argument(
+        "--dataset",
+        help="prompts from a dataset with a 'prompt' column (a .json/.jsonl/.csv/.parquet "
+        "file or a `datasets` name) instead of the embedded arithmetic task.",
+    )
     parser.add_argument("--dataset-split", default="train", help="split of --dataset (default train).")
     parser.add_argument("--completion-len", type=int, default=32, help="maximum completion tokens (default 32).")
-    parser.add_argument("--pool", type=int, default=32, help="sequences sampled from the policy per prompt (default 32).")
-    parser.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), dest="ks",
-                        help="top-k sizes for the coverage tables (default 8 16 64 256).")
+    parser.add_argument(
+        "--pool", type=int, default=32, help="sequences sampled from the policy per prompt (default 32)."
+    )
+    parser.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_KS),
+        dest="ks",
+        help="top-k sizes for the coverage tables (default 8 16 64 256).",
+    )
     parser.add_argument("--tike-k", type=int, default=16, help="k of the TIKE estimators compared (default 16).")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per sample count (default 1000).")
-    parser.add_argument("--grad-batch", type=int, default=8,
-                        help="sequences per resampled batch in the gradient-variance section (default 8).")
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples per sample count (default 1000)."
+    )
+    parser.add_argument(
+        "--grad-batch",
+        type=int,
+        default=8,
+        help="sequences per resampled batch in the gradient-variance section (default 8).",
+    )
     parser.add_argument("--no-gradients", dest="gradients", action="store_false", help="skip the gradient section.")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling and resampling (default 0).")
-    parser.add_argument("--output-dir", default="outputs/analyze",
-                        help="where report.md, results.json and the plots go (default outputs/analyze).")
+    parser.add_argument(
+        "--output-dir",
+        default="outputs/analyze",
+        help="where report.md, results.json and the plots go (default outputs/analyze).",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -447,6 +564,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(str(error)) from None
     results = run_analysis(config)
     paths = write_report(results, Path(config.output_dir))
-    print(f"tike-trl analyze: {results['setup']['positions']} positions in {results['timing']['total_s']:.0f} s; "
-          f"wrote {', '.join(str(p) for p in paths)}")
+    print(
+        f"tike-trl analyze: {results['setup']['positions']} positions in {results['timing']['total_s']:.0f} s; "
+        f"wrote {', '.join(str(p) for p in paths)}"
+    )
     return 0

@@ -18,13 +18,19 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tike-trl", description="TIKE and the k1/k2/k3/rb KL estimators for TRL's GRPO.")
+    parser = argparse.ArgumentParser(
+        prog="tike-trl", description="TIKE and the k1/k2/k3/rb KL estimators for TRL's GRPO."
+    )
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or "").strip()
-        sub = subcommands.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = subcommands.add_parser(
+            name,
+            help=doc.splitlines()[0] if doc else None,
+            description=doc.split("\n\n")[0],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser

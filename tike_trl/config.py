@@ -18,8 +18,10 @@ def check_exact_kl_logging(steps: object, kl_estimator: str, beta: float) -> Non
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"log_exact_kl_steps={steps!r} must be an integer >= 0 (0 switches it off).")
     if steps and kl_estimator not in HEAD_ESTIMATORS:
-        raise ValueError(f"log_exact_kl_steps needs kl_estimator 'tike' or 'rb' (the loss-time reference head), "
-                         f"not {kl_estimator!r}.")
+        raise ValueError(
+            f"log_exact_kl_steps needs kl_estimator 'tike' or 'rb' (the loss-time reference head), "
+            f"not {kl_estimator!r}."
+        )
     if steps and beta == 0.0:
         raise ValueError("log_exact_kl_steps needs the KL term (beta > 0): with beta=0.0 there is no reference model.")
 
@@ -92,20 +94,27 @@ class TIKEConfig(GRPOConfig):
     )
     tike_is_clip: float | None = field(
         default=3.0,
-        metadata={"help": "Upper bound on TIKE's importance ratio, so a stale rollout cannot blow the loss up; "
-                  "None: unbounded, as in the paper."},
+        metadata={
+            "help": "Upper bound on TIKE's importance ratio, so a stale rollout cannot blow the loss up; "
+            "None: unbounded, as in the paper."
+        },
     )
     tike_is_clip_mode: str = field(
         default="truncate",
-        metadata={"help": "'truncate' caps the ratio at tike_is_clip; 'mask' drops the KL term of a token whose "
-                  "ratio exceeds it.", "choices": list(CLIP_MODES)},
+        metadata={
+            "help": "'truncate' caps the ratio at tike_is_clip; 'mask' drops the KL term of a token whose "
+            "ratio exceeds it.",
+            "choices": list(CLIP_MODES),
+        },
     )
 
     log_exact_kl_steps: int = field(
         default=0,
-        metadata={"help": "Every this many steps, also log kl/exact (exact KL over the full vocabulary) and "
-                  "kl/tail_residual (exact KL minus the top-k sum), from the same tiled pass; 'tike' and 'rb' only. "
-                  "0 switches it off."},
+        metadata={
+            "help": "Every this many steps, also log kl/exact (exact KL over the full vocabulary) and "
+            "kl/tail_residual (exact KL minus the top-k sum), from the same tiled pass; 'tike' and 'rb' only. "
+            "0 switches it off."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -113,7 +122,9 @@ class TIKEConfig(GRPOConfig):
         check_top_k(self.tike_top_k)
         check_choice("tike_tail", self.tike_tail, TAILS)
         check_choice("tike_is_clip_mode", self.tike_is_clip_mode, CLIP_MODES)
-        if self.tike_is_clip is not None and not (isinstance(self.tike_is_clip, (int, float)) and self.tike_is_clip > 0):
+        if self.tike_is_clip is not None and not (
+            isinstance(self.tike_is_clip, (int, float)) and self.tike_is_clip > 0
+        ):
             raise ValueError(f"tike_is_clip={self.tike_is_clip!r} must be a number > 0, or None for no bound.")
         check_exact_kl_logging(self.log_exact_kl_steps, self.kl_estimator, self.beta)
         if self.bf16 is None and not self.fp16 and not _has_accelerator():

@@ -41,14 +41,21 @@ def arithmetic_dataset(n: int = 2000, seed: int = 0, max_operand: int = 9, opera
     much less with two-digit operands), so the reward has room to rise within minutes on a CPU.
     """
     problems = arithmetic_problems(n, seed, max_operand, operations)
-    return Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": ARITHMETIC_TEMPLATE.format(question=q)}] for q, _ in problems],
-        "answer": [str(a) for _, a in problems],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": ARITHMETIC_TEMPLATE.format(question=q)}] for q, _ in problems],
+            "answer": [str(a) for _, a in problems],
+        }
+    )
 
 
-def load_prompt_answer_dataset(source: str, split: str = "train", config: str | None = None,
-                               prompt_column: str = "prompt", answer_column: str = "answer") -> Dataset:
+def load_prompt_answer_dataset(
+    source: str,
+    split: str = "train",
+    config: str | None = None,
+    prompt_column: str = "prompt",
+    answer_column: str = "answer",
+) -> Dataset:
     """Load `source` (a local .json/.jsonl file, a local dataset folder, or a Hub id) as prompt/answer rows.
 
     Columns are renamed to `prompt` and `answer`; verl-style datasets such as DAPO-Math-17k, whose
@@ -72,8 +79,9 @@ def load_prompt_answer_dataset(source: str, split: str = "train", config: str | 
     return as_prompt_answer(dataset, source, prompt_column, answer_column)
 
 
-def as_prompt_answer(dataset: Dataset, source: str = "dataset", prompt_column: str = "prompt",
-                     answer_column: str = "answer") -> Dataset:
+def as_prompt_answer(
+    dataset: Dataset, source: str = "dataset", prompt_column: str = "prompt", answer_column: str = "answer"
+) -> Dataset:
     """Check and normalise a dataset to conversational `prompt` and string `answer` columns."""
     columns = dataset.column_names
     if answer_column not in columns and answer_column == "answer" and "reward_model" in columns:
@@ -81,11 +89,16 @@ def as_prompt_answer(dataset: Dataset, source: str = "dataset", prompt_column: s
     else:
         dataset = _rename(dataset, answer_column, "answer")
     dataset = _rename(dataset, prompt_column, "prompt")
-    missing = [wanted for wanted, name in (("prompt", prompt_column), ("answer", answer_column))
-               if wanted not in dataset.column_names]
+    missing = [
+        wanted
+        for wanted, name in (("prompt", prompt_column), ("answer", answer_column))
+        if wanted not in dataset.column_names
+    ]
     if missing:
-        raise InputError(f"dataset {source!r} has no {' or '.join(repr(m) for m in missing)} column "
-                         f"(columns: {', '.join(columns)}); it needs one prompt and one answer per row")
+        raise InputError(
+            f"dataset {source!r} has no {' or '.join(repr(m) for m in missing)} column "
+            f"(columns: {', '.join(columns)}); it needs one prompt and one answer per row"
+        )
     if len(dataset) == 0:
         raise InputError(f"dataset {source!r} has no rows")
     first = dataset[0]["prompt"]

@@ -50,8 +50,9 @@ class PositionStats:
 
 
 @torch.no_grad()
-def truncation_stats(policy_logits: torch.Tensor, ref_logits: torch.Tensor, sampled: torch.Tensor,
-                     ks: Sequence[int]) -> PositionStats:
+def truncation_stats(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, sampled: torch.Tensor, ks: Sequence[int]
+) -> PositionStats:
     """Top-k mass, truncated KL and tail residual at every k of `ks`, and the exact KL."""
     logp = F.log_softmax(_at_least_fp32(policy_logits), dim=-1)
     logq = F.log_softmax(_at_least_fp32(ref_logits), dim=-1)
@@ -69,9 +70,13 @@ def truncation_stats(policy_logits: torch.Tensor, ref_logits: torch.Tensor, samp
         tail.append(terms.scatter(-1, s, 0.0).sum(-1))
         inside.append(o_in_s)
     return PositionStats(
-        topk_mass=torch.stack(mass, -1), truncated=torch.stack(trunc, -1), tail=torch.stack(tail, -1),
-        sampled_in_topk=torch.stack(inside, -1), exact=terms.sum(-1),  # = exact_kl(logp, logq), reusing the terms
-        entropy=-(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1), top1=top.values[:, 0].exp(),
+        topk_mass=torch.stack(mass, -1),
+        truncated=torch.stack(trunc, -1),
+        tail=torch.stack(tail, -1),
+        sampled_in_topk=torch.stack(inside, -1),
+        exact=terms.sum(-1),  # = exact_kl(logp, logq), reusing the terms
+        entropy=-(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1),
+        top1=top.values[:, 0].exp(),
         p_sampled=logp_o.exp(),
     )
 
@@ -80,8 +85,9 @@ def _sampled_logprob(policy_logits: torch.Tensor, sampled: torch.Tensor) -> torc
     return F.log_softmax(_at_least_fp32(policy_logits), dim=-1).gather(-1, sampled.long().unsqueeze(-1)).squeeze(-1)
 
 
-def token_estimate(name: str, policy_logits: torch.Tensor, ref_logits: torch.Tensor, sampled: torch.Tensor,
-                   top_k: int) -> torch.Tensor:
+def token_estimate(
+    name: str, policy_logits: torch.Tensor, ref_logits: torch.Tensor, sampled: torch.Tensor, top_k: int
+) -> torch.Tensor:
     """Per-position value of one of VALUE_ESTIMATORS, on-policy (r = 1). Its autograd gradient is
     the one the trainer applies (history fixed); for k3 that includes TRL's default bias correction,
     k3 times the differentiable ratio π_θ(o)/π_old(o), whose value is 1 on-policy."""
@@ -102,8 +108,15 @@ def reward_to_go(values: torch.Tensor, layout: torch.Tensor, inclusive: bool) ->
     return (suffix if inclusive else suffix - padded)[layout]
 
 
-def sequence_surrogate(name: str, policy_logits: torch.Tensor, sampled: torch.Tensor, layout: torch.Tensor,
-                       k1: torch.Tensor, rb: torch.Tensor, rb_value: torch.Tensor | None = None) -> torch.Tensor:
+def sequence_surrogate(
+    name: str,
+    policy_logits: torch.Tensor,
+    sampled: torch.Tensor,
+    layout: torch.Tensor,
+    k1: torch.Tensor,
+    rb: torch.Tensor,
+    rb_value: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-position surrogate whose gradient, summed over a sequence, is one of SEQUENCE_GRADIENTS.
 
     With ℓ_n the log-ratio at the sampled token and D_n the exact per-token KL (`k1`, `rb`, per
@@ -131,9 +144,15 @@ class ChunkScores:
     sequence_grads: dict[str, torch.Tensor] | None  # name -> [S, P], gradient of that sum
 
 
-def score_chunk(policy_logits_fn: Callable[[torch.Tensor | None], torch.Tensor], norm_weight: torch.Tensor | None,
-                ref_logits: torch.Tensor, sampled: torch.Tensor, layout: torch.Tensor, ks: Sequence[int],
-                top_k: int) -> ChunkScores:
+def score_chunk(
+    policy_logits_fn: Callable[[torch.Tensor | None], torch.Tensor],
+    norm_weight: torch.Tensor | None,
+    ref_logits: torch.Tensor,
+    sampled: torch.Tensor,
+    layout: torch.Tensor,
+    ks: Sequence[int],
+    top_k: int,
+) -> ChunkScores:
     """Score the positions of a chunk of whole sequences.
 
     `policy_logits_fn(w)` returns the policy's [n, V] logits with the parameter vector `w`
@@ -172,14 +191,16 @@ def score_chunk(policy_logits_fn: Callable[[torch.Tensor | None], torch.Tensor],
 
 # ---- summaries ----
 
+
 def bootstrap_means(samples: torch.Tensor, batch: int, draws: int, generator: torch.Generator) -> torch.Tensor:
     """Means of `draws` batches of `batch` rows drawn with replacement from `samples` ([N, ...])."""
     idx = torch.randint(0, samples.shape[0], (draws, batch), generator=generator)
     return samples[idx].mean(dim=1)
 
 
-def bias_variance(values: dict[str, torch.Tensor], sizes: Sequence[int], draws: int,
-                  generator: torch.Generator) -> dict:
+def bias_variance(
+    values: dict[str, torch.Tensor], sizes: Sequence[int], draws: int, generator: torch.Generator
+) -> dict:
     """Bootstrap mean and std of each estimator's sequence-level KL estimate from M samples, for M
     in `sizes`; the ground truth is the exact (rb) estimate averaged over the whole pool."""
     out = {"truth": values["rb"].double().mean().item(), "estimators": {}}

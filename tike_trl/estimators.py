@@ -141,15 +141,17 @@ def kl_estimate(
 
     Its autograd gradient with respect to ``policy_logits`` is the gradient the estimator
     prescribes (DESIGN §2; for ``tail="mc"`` the surrogate's). Logits are unnormalised and
-    may hold −inf; the math runs in float32 (float64 inputs stay float64). ``old_logprobs`` is log π_old(o_t), shaped like
-    ``sampled_ids``; None means on-policy (r = 1). `is_clip` bounds r (see `importance_ratio`).
+    may hold −inf; the math runs in float32 (float64 inputs stay float64). ``old_logprobs`` is
+    log π_old(o_t), shaped like ``sampled_ids``; None means on-policy (r = 1). `is_clip` bounds r
+    (see `importance_ratio`).
     k3 is the plain form, without TRL's ratio.
     """
     check_choice("kl_estimator", estimator, ESTIMATORS)
     check_choice("tike_tail", tail, TAILS)
     if policy_logits.shape != ref_logits.shape:
         raise ValueError(
-            f"policy_logits {tuple(policy_logits.shape)} and ref_logits {tuple(ref_logits.shape)} must have the same shape."
+            f"policy_logits {tuple(policy_logits.shape)} and ref_logits {tuple(ref_logits.shape)} must have the "
+            "same shape."
         )
     if sampled_ids.shape != policy_logits.shape[:-1]:
         raise ValueError(
@@ -175,6 +177,4 @@ def kl_estimate(
         return exact_kl(logp, logq)
     top = logp.detach().topk(top_k, dim=-1).indices
     ratio = importance_ratio(logp_o, old_logprobs if importance_weight else None, is_clip, is_clip_mode)
-    return truncated_kl(
-        logp.gather(-1, top), logq.gather(-1, top), logp_o, logq_o, (top == ids).any(-1), ratio, tail
-    )
+    return truncated_kl(logp.gather(-1, top), logq.gather(-1, top), logp_o, logq_o, (top == ids).any(-1), ratio, tail)

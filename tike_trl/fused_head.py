@@ -51,8 +51,18 @@ class ReferenceCapture:
 
     heads: list[RefHead] = field(default_factory=list)
 
-    def apply(self, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
-              outputs=("log_probs",)):
+    def apply(
+        self,
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        softcap=None,
+        logit_scale=1.0,
+        outputs=("log_probs",),
+    ):
         _check_outputs(outputs)
         self.heads.append(RefHead(hidden.detach(), weight, bias, _spec(temperature, softcap, logit_scale)))
         zeros = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
@@ -71,21 +81,47 @@ class TIKEHead:
     top_k_vocab: int | None = None
     results: list[tuple[HeadOutputs, torch.Tensor | None]] = field(default_factory=list)
 
-    def apply(self, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
-              outputs=("log_probs",)):
+    def apply(
+        self,
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        softcap=None,
+        logit_scale=1.0,
+        outputs=("log_probs",),
+    ):
         _check_outputs(outputs)
         if len(self.results) >= len(self.refs):
             raise RuntimeError("More policy head calls than captured reference heads: the forwards are misaligned.")
-        out, ref_logprobs = self.evaluate(hidden, weight, bias, targets, _spec(temperature, softcap, logit_scale),
-                                          self.refs[len(self.results)], Tiling(vocab=chunk_size))
+        out, ref_logprobs = self.evaluate(
+            hidden,
+            weight,
+            bias,
+            targets,
+            _spec(temperature, softcap, logit_scale),
+            self.refs[len(self.results)],
+            Tiling(vocab=chunk_size),
+        )
         self.results.append((out, ref_logprobs))
         return out.logprob, (out.entropy if "entropy" in outputs else None), None, None, None
 
-    def evaluate(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 spec: HeadSpec, ref: RefHead, tiling: Tiling) -> tuple[HeadOutputs, torch.Tensor | None]:
+    def evaluate(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        spec: HeadSpec,
+        ref: RefHead,
+        tiling: Tiling,
+    ) -> tuple[HeadOutputs, torch.Tensor | None]:
         """The policy head's outputs on these rows, and log π_ref at [top-k, label] (None without top-k)."""
-        out = policy_head(hidden, weight, bias, targets, spec, self.top_k, ref if self.exact_kl else None, tiling,
-                          self.top_k_vocab)
+        out = policy_head(
+            hidden, weight, bias, targets, spec, self.top_k, ref if self.exact_kl else None, tiling, self.top_k_vocab
+        )
         if not self.top_k:
             return out, None
         indices = torch.cat([out.topk_indices, targets.unsqueeze(1)], dim=1)

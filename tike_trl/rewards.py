@@ -64,9 +64,22 @@ def normalize_math_answer(text: str) -> str:
     r"""Drop LaTeX that does not change the value: `$`, `\left`/`\right`, spacing commands,
     `\text{}`, `\dfrac`, degree and percent signs, a trailing period, all spaces."""
     text = re.sub(r"\\text\s*\{([^{}]*)\}", r"\1", text)
-    for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""), ("^{\\circ}", ""),
-                     ("^\\circ", ""), ("\\%", ""), ("%", ""), ("$", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""),
-                     ("\\:", ""), ("\\ ", "")):
+    for old, new in (
+        ("\\dfrac", "\\frac"),
+        ("\\tfrac", "\\frac"),
+        ("\\left", ""),
+        ("\\right", ""),
+        ("^{\\circ}", ""),
+        ("^\\circ", ""),
+        ("\\%", ""),
+        ("%", ""),
+        ("$", ""),
+        ("\\!", ""),
+        ("\\,", ""),
+        ("\\;", ""),
+        ("\\:", ""),
+        ("\\ ", ""),
+    ):
         text = text.replace(old, new)
     return re.sub(r"\s+", "", text).rstrip(".")
 

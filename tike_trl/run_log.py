@@ -43,8 +43,11 @@ class CompactProgress(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs or "reward" not in logs:
             return
-        shown = "  ".join(f"{key.split('/')[-1] if key != 'kl/topk_mass' else 'topk_mass'} {logs[key]:.4g}"
-                          for key in SHOWN if key in logs)
+        shown = "  ".join(
+            f"{key.split('/')[-1] if key != 'kl/topk_mass' else 'topk_mass'} {logs[key]:.4g}"
+            for key in SHOWN
+            if key in logs
+        )
         self.training_bar.write(f"step {state.global_step:>4}  {shown}")
 
 

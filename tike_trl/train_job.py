@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .estimators import ESTIMATORS
 from .errors import InputError
+from .estimators import ESTIMATORS
 
 DEFAULT_OUTPUT_DIR = "outputs/tike-train"
 
@@ -37,21 +37,34 @@ EMBEDDED_DEFAULTS = {
 }
 
 # the short flags and the TIKEConfig / ModelConfig / TaskArguments fields they set
-FLAGS = {"model": "model_name_or_path", "dataset": "dataset_name", "kl_estimator": "kl_estimator",
-         "top_k": "tike_top_k", "steps": "max_steps", "output_dir": "output_dir"}
+FLAGS = {
+    "model": "model_name_or_path",
+    "dataset": "dataset_name",
+    "kl_estimator": "kl_estimator",
+    "top_k": "tike_top_k",
+    "steps": "max_steps",
+    "output_dir": "output_dir",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dataset", help="Hub id, or a local .json/.jsonl file with 'prompt' and 'answer' "
-                                          "(default: the embedded arithmetic task)")
+    parser.add_argument(
+        "--dataset",
+        help="Hub id, or a local .json/.jsonl file with 'prompt' and 'answer' (default: the embedded arithmetic task)",
+    )
     parser.add_argument("--kl-estimator", choices=ESTIMATORS, help="KL estimator (default: tike)")
     parser.add_argument("--top-k", type=int, help="k of the tike estimator (default: 16)")
     parser.add_argument("--steps", type=int, help=f"optimizer steps (default: {EMBEDDED_DEFAULTS['max_steps']})")
-    parser.add_argument("--output-dir", help=f"where the model, metrics.jsonl and training.png go "
-                                             f"(default: {DEFAULT_OUTPUT_DIR})")
-    parser.add_argument("--config", metavar="FILE", help="YAML of TIKEConfig/ModelConfig/TaskArguments fields, as "
-                                                         "in recipes/configs/; replaces the embedded defaults")
+    parser.add_argument(
+        "--output-dir", help=f"where the model, metrics.jsonl and training.png go (default: {DEFAULT_OUTPUT_DIR})"
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML of TIKEConfig/ModelConfig/TaskArguments fields, as "
+        "in recipes/configs/; replaces the embedded defaults",
+    )
 
 
 def parse_config(args: argparse.Namespace):
@@ -63,8 +76,7 @@ def parse_config(args: argparse.Namespace):
     from .config import TIKEConfig
     from .training import TaskArguments
 
-    parser = TrlParser((TaskArguments, TIKEConfig, ModelConfig), prog="tike-trl train --config",
-                       exit_on_error=False)
+    parser = TrlParser((TaskArguments, TIKEConfig, ModelConfig), prog="tike-trl train --config", exit_on_error=False)
     parser.set_defaults(**(EMBEDDED_DEFAULTS if args.config is None else {"output_dir": DEFAULT_OUTPUT_DIR}))
     argv = ["--config", args.config] if args.config is not None else []
     for flag, dest in FLAGS.items():
@@ -88,8 +100,10 @@ def run(args: argparse.Namespace) -> int:
     trainer = train(task, training_args, model_args)
     if trainer.accelerator.is_main_process:
         s = summary(training_args.output_dir)
-        print(f"trained {s['steps']} steps in {time.monotonic() - started:.0f} s; mean reward "
-              f"{s.get('reward_start', float('nan')):.3f} (first 5 steps) -> {s.get('reward_end', float('nan')):.3f} "
-              f"(last 5); model, metrics.jsonl and training.png in {training_args.output_dir}")
+        print(
+            f"trained {s['steps']} steps in {time.monotonic() - started:.0f} s; mean reward "
+            f"{s.get('reward_start', float('nan')):.3f} (first 5 steps) -> {s.get('reward_end', float('nan')):.3f} "
+            f"(last 5); model, metrics.jsonl and training.png in {training_args.output_dir}"
+        )
     finish(trainer)
     return 0

@@ -36,8 +36,10 @@ def _checked_rollout(rollout_func: Callable) -> Callable:
         output = rollout_func(prompts, trainer)
         empty = [i for i, ids in enumerate(output.get("completion_ids", [])) if len(ids) == 0]
         if empty:
-            raise ValueError(f"rollout_func returned empty completion_ids for rows {empty[:8]}: a completion needs at "
-                             "least one token (an immediately finished one is [eos_token_id]).")
+            raise ValueError(
+                f"rollout_func returned empty completion_ids for rows {empty[:8]}: a completion needs at "
+                "least one token (an immediately finished one is [eos_token_id])."
+            )
         return output
 
     return rollout
@@ -62,14 +64,17 @@ class TIKEGRPOTrainer(GRPOTrainer):
     _tag_names = ["trl", "grpo", "tike"]
     _name = "TIKE-GRPO"
 
-    def __init__(self, model: Any, reward_funcs: Any = None, args: TIKEConfig | None = None, *rest: Any,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, model: Any, reward_funcs: Any = None, args: TIKEConfig | None = None, *rest: Any, **kwargs: Any
+    ) -> None:
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = TIKEConfig(f"{name.split('/')[-1]}-TIKE")
         elif not isinstance(args, TIKEConfig):
-            raise TypeError(f"TIKEGRPOTrainer needs a TIKEConfig, got {type(args).__name__}: swap the import of "
-                            "GRPOConfig for `from tike_trl import TIKEConfig`.")
+            raise TypeError(
+                f"TIKEGRPOTrainer needs a TIKEConfig, got {type(args).__name__}: swap the import of "
+                "GRPOConfig for `from tike_trl import TIKEConfig`."
+            )
         self._kl_request: dict | None = None
         self._kl_terms: KLTerms | None = None
         if kwargs.get("rollout_func") is not None:
@@ -111,7 +116,9 @@ class TIKEGRPOTrainer(GRPOTrainer):
             self._kl_request, self._kl_terms = None, None
         if terms is None:
             raise RuntimeError("TRL's loss did not call `_get_per_token_logps_and_entropies`: the seam moved.")
-        mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        mask = (
+            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+        )
         mode = "train" if self.model.training else "eval"
         loss = loss + self.beta * self._aggregate_like_trl(terms.kl, mask, inputs, mode)
         self._metrics[mode]["kl"].append(self._global_masked_mean(terms.kl, mask))
@@ -128,21 +135,24 @@ class TIKEGRPOTrainer(GRPOTrainer):
 
     # ---- the policy forward of the loss ----
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, **kwargs):
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
+    ):
         inputs, self._kl_request = self._kl_request, None
         forward = super()._get_per_token_logps_and_entropies
         if inputs is None:  # generation-time passes: TRL's own
             return forward(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs)
         if self.args.kl_estimator in SAMPLED_TOKEN_ESTIMATORS:
-            logps, entropies, aux = forward(model, input_ids, attention_mask, logits_to_keep, batch_size,
-                                            compute_entropy, **kwargs)
+            logps, entropies, aux = forward(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
+            )
             self._kl_terms = self._sampled_token_terms(logps, inputs)
             return logps, entropies, aux
         head = self._loss_head(self._reference_heads(input_ids, attention_mask, logits_to_keep, batch_size, **kwargs))
         with replace_head_kernel(head):
-            logps, entropies, aux = forward(model, input_ids, attention_mask, logits_to_keep, batch_size,
-                                            compute_entropy, **kwargs)
+            logps, entropies, aux = forward(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
+            )
         self._kl_terms = self._head_terms(head, logps, inputs, attention_mask, logits_to_keep, batch_size)
         return logps, entropies, aux
 
@@ -151,8 +161,12 @@ class TIKEGRPOTrainer(GRPOTrainer):
         override it with a naive, materialising head). On exact-KL logging steps the one policy
         pass returns the top-k and the exact KL."""
         exact_step = self._logs_exact_kl()
-        return TIKEHead(refs, top_k=self.args.tike_top_k if self.args.kl_estimator == "tike" or exact_step else 0,
-                        exact_kl=self.args.kl_estimator == "rb" or exact_step, top_k_vocab=self._top_k_vocab)
+        return TIKEHead(
+            refs,
+            top_k=self.args.tike_top_k if self.args.kl_estimator == "tike" or exact_step else 0,
+            exact_kl=self.args.kl_estimator == "rb" or exact_step,
+            top_k_vocab=self._top_k_vocab,
+        )
 
     @torch.no_grad()
     def _reference_heads(self, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs) -> list[RefHead]:
@@ -186,8 +200,15 @@ class TIKEGRPOTrainer(GRPOTrainer):
             log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
         return torch.exp(log_ratio)
 
-    def _head_terms(self, head: TIKEHead, logps: torch.Tensor, inputs: dict, attention_mask: torch.Tensor,
-                    logits_to_keep: int, batch_size: int | None) -> KLTerms:
+    def _head_terms(
+        self,
+        head: TIKEHead,
+        logps: torch.Tensor,
+        inputs: dict,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        batch_size: int | None,
+    ) -> KLTerms:
         step = batch_size or attention_mask.shape[0]
         masks = attention_mask.split(step)
         if len(head.results) != len(masks):
@@ -202,8 +223,13 @@ class TIKEGRPOTrainer(GRPOTrainer):
         topk_logps = laid_out(lambda r: r[0].topk_logprobs)
         topk_ids = laid_out(lambda r: r[0].topk_indices)
         ref_logps = laid_out(lambda r: r[1])
-        top_args = (topk_logps, ref_logps[..., :-1], logps, ref_logps[..., -1],
-                    (topk_ids == inputs["completion_ids"].unsqueeze(-1)).any(-1))
+        top_args = (
+            topk_logps,
+            ref_logps[..., :-1],
+            logps,
+            ref_logps[..., -1],
+            (topk_ids == inputs["completion_ids"].unsqueeze(-1)).any(-1),
+        )
         if self.args.kl_estimator == "rb":
             kl = exact
         else:
@@ -219,8 +245,9 @@ class TIKEGRPOTrainer(GRPOTrainer):
 
     # ---- TRL's loss aggregation and metric reduction ----
 
-    def _aggregate_like_trl(self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict,
-                            mode: str) -> torch.Tensor:
+    def _aggregate_like_trl(
+        self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict, mode: str
+    ) -> torch.Tensor:
         """Aggregate a per-token term as TRL 1.16's `_compute_loss` aggregates its per-token loss
         for `loss_type`. That aggregation is linear, so TRL's loss plus beta times this equals TRL
         adding beta·KL to its per-token loss (`tests/test_trainer.py` checks k3 against TRL)."""

@@ -41,8 +41,10 @@ class TaskArguments(ScriptArguments):
     prompt_column: str = field(default="prompt", metadata={"help": "Dataset column holding the prompt."})
     answer_column: str = field(
         default="answer",
-        metadata={"help": "Dataset column holding the reference answer (verl-style `reward_model.ground_truth` "
-                          "is found on its own)."},
+        metadata={
+            "help": "Dataset column holding the reference answer (verl-style `reward_model.ground_truth` "
+            "is found on its own)."
+        },
     )
     arithmetic_problems: int = field(default=2000, metadata={"help": "Rows of the embedded arithmetic task."})
     arithmetic_max_operand: int = field(default=9, metadata={"help": "Largest operand of the embedded task."})
@@ -51,10 +53,12 @@ class TaskArguments(ScriptArguments):
 
 def train_dataset(task: TaskArguments, seed: int = 0) -> Dataset:
     if task.dataset_name is None:
-        return arithmetic_dataset(task.arithmetic_problems, seed, task.arithmetic_max_operand,
-                                  task.arithmetic_operations)
-    return load_prompt_answer_dataset(task.dataset_name, task.dataset_train_split, task.dataset_config,
-                                      task.prompt_column, task.answer_column)
+        return arithmetic_dataset(
+            task.arithmetic_problems, seed, task.arithmetic_max_operand, task.arithmetic_operations
+        )
+    return load_prompt_answer_dataset(
+        task.dataset_name, task.dataset_train_split, task.dataset_config, task.prompt_column, task.answer_column
+    )
 
 
 def check_model(name: str) -> None:
@@ -71,8 +75,10 @@ def check_model(name: str) -> None:
     try:
         AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise InputError(f"model {name!r}: no such local folder, and the Hub could not provide it "
-                         f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from err
+        raise InputError(
+            f"model {name!r}: no such local folder, and the Hub could not provide it "
+            f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})"
+        ) from err
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -93,14 +99,22 @@ def build_trainer(task: TaskArguments, args: TIKEConfig, model_args: ModelConfig
     rewards = [resolve_reward(name) for name in task.reward_funcs]
     dataset = train_dataset(task, args.seed)
     args.model_init_kwargs = {
-        "revision": model_args.model_revision, "trust_remote_code": args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
+        "revision": model_args.model_revision,
+        "trust_remote_code": args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
         **(args.model_init_kwargs or {}),
     }
-    trainer = TIKEGRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=dataset,
-                              quantization_config=get_quantization_config(model_args),
-                              peft_config=get_peft_config(model_args),
-                              callbacks=[MetricsFile(Path(args.output_dir) / "metrics.jsonl")], **trainer_kwargs)
+    trainer = TIKEGRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=args,
+        train_dataset=dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+        callbacks=[MetricsFile(Path(args.output_dir) / "metrics.jsonl")],
+        **trainer_kwargs,
+    )
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(CompactProgress)
     return trainer
@@ -115,8 +129,11 @@ def train(task: TaskArguments, args: TIKEConfig, model_args: ModelConfig, **trai
     if trainer.accelerator.is_main_process:
         output = Path(args.output_dir)
         name = model_args.model_name_or_path or "SmolLM2-135M-Instruct (embedded)"
-        plot_training(output / "metrics.jsonl", output / "training.png",
-                      title=f"{name}, kl_estimator={args.kl_estimator}, beta={args.beta}")
+        plot_training(
+            output / "metrics.jsonl",
+            output / "training.png",
+            title=f"{name}, kl_estimator={args.kl_estimator}, beta={args.beta}",
+        )
     return trainer
 
 
@@ -139,7 +156,10 @@ def summary(output_dir: str, window: int = 5) -> dict:
     if not rows:
         return {"steps": 0}
     first, last = rows[:window], rows[-window:]
-    return {"steps": rows[-1]["step"], "wall_s": rows[-1]["elapsed_s"],
-            "reward_start": sum(r["reward"] for r in first) / len(first),
-            "reward_end": sum(r["reward"] for r in last) / len(last),
-            "kl_end": last[-1].get("kl")}
+    return {
+        "steps": rows[-1]["step"],
+        "wall_s": rows[-1]["elapsed_s"],
+        "reward_start": sum(r["reward"] for r in first) / len(first),
+        "reward_end": sum(r["reward"] for r in last) / len(last),
+        "kl_end": last[-1].get("kl"),
+    }

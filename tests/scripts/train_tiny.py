@@ -23,11 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny.py
 
 import torch  # noqa: E402
+from tiny import load_tokenizer, prompt_dataset, reward_length  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from tike_trl import TIKEConfig, TIKEGRPOTrainer  # noqa: E402
 from tike_trl.training import finish  # noqa: E402
-from tiny import load_tokenizer, prompt_dataset, reward_length  # noqa: E402
 
 LOGGED = ("loss", "grad_norm", "kl", "kl/topk_mass", "reward")
 
@@ -67,29 +67,64 @@ def head_is_sharded(model) -> bool:
     return hasattr(weight, "ds_id") and weight.numel() == 0
 
 
-def run(model_dir: str, output_dir: str, kl_estimator: str = "tike", steps: int = 2, per_device_batch: int = 4,
-        num_generations: int = 4, gradient_accumulation_steps: int = 1, rollout: str = "sample",
-        **config) -> dict:
+def run(
+    model_dir: str,
+    output_dir: str,
+    kl_estimator: str = "tike",
+    steps: int = 2,
+    per_device_batch: int = 4,
+    num_generations: int = 4,
+    gradient_accumulation_steps: int = 1,
+    rollout: str = "sample",
+    **config,
+) -> dict:
     """Train and return what the JSON file holds (every process returns it; the main one writes it)."""
-    args = TIKEConfig(output_dir=output_dir, kl_estimator=kl_estimator, tike_top_k=4, beta=0.05, max_steps=steps,
-                      per_device_train_batch_size=per_device_batch, num_generations=num_generations,
-                      gradient_accumulation_steps=gradient_accumulation_steps, max_completion_length=8,
-                      learning_rate=5e-2, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
-                      seed=0, bf16=False, **config)
+    args = TIKEConfig(
+        output_dir=output_dir,
+        kl_estimator=kl_estimator,
+        tike_top_k=4,
+        beta=0.05,
+        max_steps=steps,
+        per_device_train_batch_size=per_device_batch,
+        num_generations=num_generations,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        max_completion_length=8,
+        learning_rate=5e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        bf16=False,
+        **config,
+    )
     log = StepLog()
-    trainer = TIKEGRPOTrainer(model=model_dir, reward_funcs=reward_length,
-                              args=args, train_dataset=prompt_dataset(16), processing_class=load_tokenizer(model_dir),
-                              callbacks=[log], rollout_func=deterministic_rollout if rollout == "deterministic" else None)
+    trainer = TIKEGRPOTrainer(
+        model=model_dir,
+        reward_funcs=reward_length,
+        args=args,
+        train_dataset=prompt_dataset(16),
+        processing_class=load_tokenizer(model_dir),
+        callbacks=[log],
+        rollout_func=deterministic_rollout if rollout == "deterministic" else None,
+    )
     # sharding is visible only after the trainer has prepared the model (ZeRO-3 partitions at init)
-    sharded = {"policy": head_is_sharded(trainer.model),
-               "reference": trainer.ref_model is not None and head_is_sharded(trainer.ref_model)}
+    sharded = {
+        "policy": head_is_sharded(trainer.model),
+        "reference": trainer.ref_model is not None and head_is_sharded(trainer.ref_model),
+    }
     trainer.train()
     accelerator = trainer.accelerator
     from accelerate.utils import gather_object
 
-    result = {"world_size": accelerator.num_processes, "ranks": sorted(gather_object([accelerator.process_index])),
-              "distributed_type": str(accelerator.distributed_type), "head_sharded": sharded,
-              "kl_estimator": kl_estimator, "steps": log.steps}
+    result = {
+        "world_size": accelerator.num_processes,
+        "ranks": sorted(gather_object([accelerator.process_index])),
+        "distributed_type": str(accelerator.distributed_type),
+        "head_sharded": sharded,
+        "kl_estimator": kl_estimator,
+        "steps": log.steps,
+    }
     finish(trainer)
     return result
 
@@ -104,11 +139,24 @@ def main() -> None:
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--rollout", choices=("sample", "deterministic"), default="sample")
-    parser.add_argument("--use-cpu", action=argparse.BooleanOptionalAction, default=not torch.cuda.is_available(),
-                        help="TrainingArguments.use_cpu (default: on without CUDA)")
+    parser.add_argument(
+        "--use-cpu",
+        action=argparse.BooleanOptionalAction,
+        default=not torch.cuda.is_available(),
+        help="TrainingArguments.use_cpu (default: on without CUDA)",
+    )
     a = parser.parse_args()
-    result = run(a.model_dir, str(Path(a.out).parent / "trainer"), a.kl_estimator, a.steps, a.per_device_batch,
-                 a.num_generations, a.gradient_accumulation_steps, a.rollout, use_cpu=a.use_cpu)
+    result = run(
+        a.model_dir,
+        str(Path(a.out).parent / "trainer"),
+        a.kl_estimator,
+        a.steps,
+        a.per_device_batch,
+        a.num_generations,
+        a.gradient_accumulation_steps,
+        a.rollout,
+        use_cpu=a.use_cpu,
+    )
     from accelerate import PartialState
 
     if PartialState().is_main_process:

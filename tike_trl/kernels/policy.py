@@ -106,7 +106,9 @@ def policy_head(
     if top_k > choosable:
         raise ValueError(f"top_k={top_k} is larger than the {choosable} head rows it may choose from.")
     if tiling.vocab % tiling.block:
-        raise ValueError(f"The vocabulary tile ({tiling.vocab}) must be a multiple of the top-k block ({tiling.block}).")
+        raise ValueError(
+            f"The vocabulary tile ({tiling.vocab}) must be a multiple of the top-k block ({tiling.block})."
+        )
     if ref is None:
         outputs = _TopKHead.apply(hidden, weight, bias, targets, spec, top_k, tiling, top_k_vocab)
         return HeadOutputs(*outputs)
@@ -119,8 +121,20 @@ def policy_head(
         )
     # the reference weight and bias go in as they are: `detach()` would make new tensors without the
     # ZeRO-3 attributes that the gather needs; the Function returns no gradient for them anyway
-    outputs = _ExactKLHead.apply(hidden, weight, bias, targets, ref.hidden.detach(), ref.weight, ref.bias, spec,
-                                 ref.spec, top_k, replace(tiling, tokens=tiling.pair_tokens), top_k_vocab)
+    outputs = _ExactKLHead.apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        ref.hidden.detach(),
+        ref.weight,
+        ref.bias,
+        spec,
+        ref.spec,
+        top_k,
+        replace(tiling, tokens=tiling.pair_tokens),
+        top_k_vocab,
+    )
     return HeadOutputs(*outputs)
 
 
@@ -139,8 +153,9 @@ def add_bias(tile: torch.Tensor, bias: torch.Tensor | None, start: int, end: int
         tile.add_(bias[start:end].to(tile.dtype).clamp(min=MASKED_LOGIT))
 
 
-def _project(buf: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, start: int,
-             end: int) -> torch.Tensor:
+def _project(
+    buf: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, start: int, end: int
+) -> torch.Tensor:
     """hidden @ weight[start:end].T (+ bias) into a view of `buf`, in `buf`'s dtype, like TRL's head."""
     tile = buf[: hidden.shape[0], : end - start]
     torch.mm(hidden, weight[start:end].to(buf.dtype).t(), out=tile)
@@ -148,8 +163,15 @@ def _project(buf: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias
     return tile
 
 
-def _project_fp32(tile: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  start: int, end: int, dtype: torch.dtype) -> None:
+def _project_fp32(
+    tile: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    start: int,
+    end: int,
+    dtype: torch.dtype,
+) -> None:
     """The same into an fp32 tile without rounding the product to `dtype` (TRL's divergence projection)."""
     project_fp32(tile, hidden, weight, None, start, end, dtype)
     add_bias(tile, bias, start, end)
@@ -165,8 +187,15 @@ class _SparseGrad:
     columns per row (the label, the top-k), added as w·dz/dy. dz/dy is gathered from the raw
     tile, before the kernel overwrites it."""
 
-    def __init__(self, tile: torch.Tensor, rows: slice, vocab_start: int, columns: torch.Tensor,
-                 weights: torch.Tensor, spec: HeadSpec) -> None:
+    def __init__(
+        self,
+        tile: torch.Tensor,
+        rows: slice,
+        vocab_start: int,
+        columns: torch.Tensor,
+        weights: torch.Tensor,
+        spec: HeadSpec,
+    ) -> None:
         local = columns[rows] - vocab_start
         in_tile = (local >= 0) & (local < tile.shape[1])
         self.columns = local.clamp(0, tile.shape[1] - 1)
@@ -176,8 +205,13 @@ class _SparseGrad:
         grad_tile.scatter_add_(1, self.columns, self.values.to(grad_tile.dtype))
 
 
-def _sparse_terms(top_idx: torch.Tensor, targets: torch.Tensor, grad_logprob: torch.Tensor | None,
-                  grad_topk: torch.Tensor | None, label_in_kernel: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _sparse_terms(
+    top_idx: torch.Tensor,
+    targets: torch.Tensor,
+    grad_logprob: torch.Tensor | None,
+    grad_topk: torch.Tensor | None,
+    label_in_kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Columns S ∪ {o} ([N, k+1]) and their sparse weights: g_i at i∈S and, at the label, −Σ_i g_i
     when the dense kernel forms G·1[j=o] itself (`label_in_kernel`), else g_o. None if all zero."""
     if grad_topk is None and (label_in_kernel or grad_logprob is None):
@@ -188,12 +222,15 @@ def _sparse_terms(top_idx: torch.Tensor, targets: torch.Tensor, grad_logprob: to
         label = torch.zeros(targets.shape, device=targets.device) if grad_logprob is None else grad_logprob.float()
     if grad_topk is None:
         return targets.unsqueeze(1), label.unsqueeze(1)
-    return (torch.cat([top_idx, targets.unsqueeze(1)], dim=1),
-            torch.cat([grad_topk.float(), label.unsqueeze(1)], dim=1))
+    return (
+        torch.cat([top_idx, targets.unsqueeze(1)], dim=1),
+        torch.cat([grad_topk.float(), label.unsqueeze(1)], dim=1),
+    )
 
 
-def _kl_kernel_shift(kl: torch.Tensor, grad_kl: torch.Tensor | None, grad_label: torch.Tensor | None,
-                     grad_entropy: torch.Tensor | None) -> torch.Tensor | None:
+def _kl_kernel_shift(
+    kl: torch.Tensor, grad_kl: torch.Tensor | None, grad_label: torch.Tensor | None, grad_entropy: torch.Tensor | None
+) -> torch.Tensor | None:
     """a = D + G/g_D per row, for the divergence kernel to form the KL and the dense log-prob terms
     in one pass (module docstring); None where it cannot: an entropy gradient, no KL gradient, or a
     row whose KL gradient is 0 while G is not."""
@@ -215,7 +252,11 @@ class _Grads:
             return torch.zeros(t.shape, device=t.device, dtype=torch.float32) if need and t is not None else None
 
         self.hidden, self.weight, self.bias = hidden, weight, bias
-        self.g_hidden, self.g_weight, self.g_bias = zeros(hidden, needs[0]), zeros(weight, needs[1]), zeros(bias, needs[2])
+        self.g_hidden, self.g_weight, self.g_bias = (
+            zeros(hidden, needs[0]),
+            zeros(weight, needs[1]),
+            zeros(bias, needs[2]),
+        )
 
     def add(self, grad_tile: torch.Tensor, hidden_chunk: torch.Tensor, rows: slice, start: int, end: int) -> None:
         if self.g_hidden is not None:
@@ -242,8 +283,9 @@ class _TopKHead(torch.autograd.Function):
     """Label log-prob, entropy and top-k of the policy; tiles in the compute dtype, as TRL's head."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, spec: HeadSpec, top_k: int, tiling: Tiling,
-                top_k_vocab: int | None):
+    def forward(
+        ctx, hidden, weight, bias, targets, spec: HeadSpec, top_k: int, tiling: Tiling, top_k_vocab: int | None
+    ):
         ctx.set_materialize_grads(False)
         n, device, dtype = hidden.shape[0], hidden.device, compute_dtype(hidden)
         lse = LogSumExp(n, device)
@@ -283,9 +325,16 @@ class _TopKHead(torch.autograd.Function):
                 for start, end in tiling.columns(weight.shape[0]):
                     tile = _project(buf, h, weight, bias, start, end)
                     sparse = None if terms is None else _SparseGrad(tile, rows, start, *terms, spec)
-                    backward_logprob_tile(tile, targets[rows], log_z[rows], entropy[rows],
-                                          None if grad_label is None else grad_label[rows],
-                                          None if grad_entropy is None else grad_entropy[rows], start, spec)
+                    backward_logprob_tile(
+                        tile,
+                        targets[rows],
+                        log_z[rows],
+                        entropy[rows],
+                        None if grad_label is None else grad_label[rows],
+                        None if grad_entropy is None else grad_entropy[rows],
+                        start,
+                        spec,
+                    )
                     if sparse is not None:
                         sparse.add_to(tile)
                     grads.add(tile, h, rows, start, end)
@@ -297,8 +346,21 @@ class _ExactKLHead(torch.autograd.Function):
     tile over the same columns (fp32 tiles, as TRL's chunked divergence)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, spec: HeadSpec,
-                ref_spec: HeadSpec, top_k: int, tiling: Tiling, top_k_vocab: int | None):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        spec: HeadSpec,
+        ref_spec: HeadSpec,
+        top_k: int,
+        tiling: Tiling,
+        top_k_vocab: int | None,
+    ):
         ctx.set_materialize_grads(False)
         n, device = hidden.shape[0], hidden.device
         dtype, ref_dtype = compute_dtype(hidden), compute_dtype(ref_hidden)
@@ -322,16 +384,18 @@ class _ExactKLHead(torch.autograd.Function):
         entropy = stats.policy.entropy(log_z)
         kl = stats.exact_kl(log_z, ref_log_z)
         topk_logprobs = spec.transform(top.values) - log_z.unsqueeze(1)
-        ctx.save_for_backward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, log_z, entropy,
-                              ref_log_z, kl, top.indices)
+        ctx.save_for_backward(
+            hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, log_z, entropy, ref_log_z, kl, top.indices
+        )
         ctx.specs, ctx.tiling = (spec, ref_spec), tiling
         ctx.mark_non_differentiable(top.indices, log_z)
         return stats.policy.target_logit - log_z, entropy, topk_logprobs, top.indices, log_z, kl
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy, grad_topk, _indices, _log_z, grad_kl):
-        (hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, log_z, entropy, ref_log_z, kl,
-         top_idx) = ctx.saved_tensors
+        (hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, log_z, entropy, ref_log_z, kl, top_idx) = (
+            ctx.saved_tensors
+        )
         (spec, ref_spec), tiling = ctx.specs, ctx.tiling
         grad_label = _combined_label_grad(grad_logprob, grad_topk)
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
@@ -363,12 +427,27 @@ class _ExactKLHead(torch.autograd.Function):
                     if grad_kl is not None:
                         t_tile = t_buf[: h.shape[0], : end - start]
                         _project_fp32(t_tile, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
-                        backward_pair_tile(s_tile, t_tile, log_z[rows], ref_log_z[rows],
-                                           (kl if shift is None else shift)[rows], grad_kl[rows], spec, ref_spec)
+                        backward_pair_tile(
+                            s_tile,
+                            t_tile,
+                            log_z[rows],
+                            ref_log_z[rows],
+                            (kl if shift is None else shift)[rows],
+                            grad_kl[rows],
+                            spec,
+                            ref_spec,
+                        )
                     if shift is None and has_logprob_terms:
-                        backward_logprob_tile(logprob_tile, targets[rows], log_z[rows], entropy[rows],
-                                              None if grad_label is None else grad_label[rows],
-                                              None if grad_entropy is None else grad_entropy[rows], start, spec)
+                        backward_logprob_tile(
+                            logprob_tile,
+                            targets[rows],
+                            log_z[rows],
+                            entropy[rows],
+                            None if grad_label is None else grad_label[rows],
+                            None if grad_entropy is None else grad_entropy[rows],
+                            start,
+                            spec,
+                        )
                         if logprob_tile is not s_tile:
                             s_tile.add_(logprob_tile)
                     if sparse is not None:

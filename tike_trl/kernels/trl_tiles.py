@@ -66,8 +66,9 @@ class HeadSpec:
 
     def transform(self, raw: torch.Tensor) -> torch.Tensor:
         """Logits from raw projection values (fp32), elementwise, like TRL's `_torch_transform`."""
-        return _lp._torch_transform(raw.float(), self.logit_scale, self.softcap or 1.0, 1 / self.temperature,
-                                    self.softcap is not None)
+        return _lp._torch_transform(
+            raw.float(), self.logit_scale, self.softcap or 1.0, 1 / self.temperature, self.softcap is not None
+        )
 
     def dlogit_draw(self, raw: torch.Tensor) -> torch.Tensor:
         """dz/dy at raw projection values y, the chain factor of the backward."""
@@ -96,17 +97,32 @@ class LogSumExp:
         # statistics TRL's kernel can also gather (sum of squares, logit sum, top-1); never requested
         self._unused = full(0)
 
-    def fold(self, tile: torch.Tensor, rows: slice, targets: torch.Tensor, vocab_start: int, spec: HeadSpec,
-             entropy: bool) -> None:
+    def fold(
+        self, tile: torch.Tensor, rows: slice, targets: torch.Tensor, vocab_start: int, spec: HeadSpec, entropy: bool
+    ) -> None:
         n = tile.shape[0]
         fold = _lp._forward_kernel[(n,)] if use_triton(tile.device) else _lp._forward_tile
         fold(
-            tile, tile.stride(0), targets,
-            self.max[rows], self.sum_exp[rows], self.x_sum_exp[rows], self._unused[rows], self._unused[rows],
-            self._unused[rows], self.target_logit[rows], vocab_start, tile.shape[1],
-            inv_t=1 / spec.temperature, HAS_ENTROPY=entropy, HAS_LOG_SUM_SQ_PROBS=False, HAS_MEAN_LOGITS=False,
-            HAS_IS_TOP1=False, BLOCK_SIZE=_lp._BLOCK_SIZE, **spec.kernel_args(),
-        )  # fmt: skip
+            tile,
+            tile.stride(0),
+            targets,
+            self.max[rows],
+            self.sum_exp[rows],
+            self.x_sum_exp[rows],
+            self._unused[rows],
+            self._unused[rows],
+            self._unused[rows],
+            self.target_logit[rows],
+            vocab_start,
+            tile.shape[1],
+            inv_t=1 / spec.temperature,
+            HAS_ENTROPY=entropy,
+            HAS_LOG_SUM_SQ_PROBS=False,
+            HAS_MEAN_LOGITS=False,
+            HAS_IS_TOP1=False,
+            BLOCK_SIZE=_lp._BLOCK_SIZE,
+            **spec.kernel_args(),
+        )
 
     def log_z(self) -> torch.Tensor:
         return self.max + torch.log(self.sum_exp)
@@ -126,27 +142,46 @@ class PairStats:
         self.ref_gap = torch.zeros((n,), device=device, dtype=torch.float32)
         self.policy_gap = torch.zeros((n,), device=device, dtype=torch.float32)
 
-    def fold(self, s_tile: torch.Tensor, t_tile: torch.Tensor, rows: slice, spec: HeadSpec,
-             ref_spec: HeadSpec) -> None:
+    def fold(
+        self, s_tile: torch.Tensor, t_tile: torch.Tensor, rows: slice, spec: HeadSpec, ref_spec: HeadSpec
+    ) -> None:
         n = s_tile.shape[0]
         fold = _div._stats_kernel[(n,)] if use_triton(s_tile.device) else _div._stats_tile
         p, r = self.policy, self.ref
         fold(
-            s_tile, s_tile.stride(0), t_tile, t_tile.stride(0),
-            p.max[rows], p.sum_exp[rows], p.x_sum_exp[rows], r.max[rows], r.sum_exp[rows],
-            self.ref_gap[rows], self.policy_gap[rows], s_tile.shape[1],
-            inv_t=1 / spec.temperature, BLOCK_SIZE=_lp._BLOCK_SIZE,
-            **spec.kernel_args("s_"), **ref_spec.kernel_args("t_"),
-        )  # fmt: skip
+            s_tile,
+            s_tile.stride(0),
+            t_tile,
+            t_tile.stride(0),
+            p.max[rows],
+            p.sum_exp[rows],
+            p.x_sum_exp[rows],
+            r.max[rows],
+            r.sum_exp[rows],
+            self.ref_gap[rows],
+            self.policy_gap[rows],
+            s_tile.shape[1],
+            inv_t=1 / spec.temperature,
+            BLOCK_SIZE=_lp._BLOCK_SIZE,
+            **spec.kernel_args("s_"),
+            **ref_spec.kernel_args("t_"),
+        )
 
     def exact_kl(self, log_z: torch.Tensor, ref_log_z: torch.Tensor) -> torch.Tensor:
         """D = Σ p (z − y) − log Z_p + log Z_q, TRL's reverse-KL (beta=1) closing formula."""
         return self.policy_gap / self.policy.sum_exp - log_z + ref_log_z
 
 
-def backward_logprob_tile(tile: torch.Tensor, targets: torch.Tensor, log_z: torch.Tensor,
-                          entropy: torch.Tensor | None, grad_logprob: torch.Tensor | None,
-                          grad_entropy: torch.Tensor | None, vocab_start: int, spec: HeadSpec) -> None:
+def backward_logprob_tile(
+    tile: torch.Tensor,
+    targets: torch.Tensor,
+    log_z: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logprob: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    vocab_start: int,
+    spec: HeadSpec,
+) -> None:
     """Overwrite `tile` (raw projections) with d(loss)/d(projection) for the label log-prob term
     g·(1[j=o] − p_j) and the entropy term, with TRL's `chunked_logprob` backward kernel."""
     n, cols = tile.shape
@@ -155,15 +190,33 @@ def backward_logprob_tile(tile: torch.Tensor, targets: torch.Tensor, log_z: torc
     else:
         fold = _lp._backward_tile
     fold(
-        tile, tile.stride(0), targets, log_z, log_z if entropy is None else entropy,
-        log_z if grad_logprob is None else grad_logprob, log_z if grad_entropy is None else grad_entropy,
-        vocab_start, cols, inv_t=1 / spec.temperature, HAS_LOGPROB_GRAD=grad_logprob is not None,
-        HAS_ENTROPY_GRAD=grad_entropy is not None, BLOCK_SIZE=_lp._BLOCK_SIZE, **spec.kernel_args(),
-    )  # fmt: skip
+        tile,
+        tile.stride(0),
+        targets,
+        log_z,
+        log_z if entropy is None else entropy,
+        log_z if grad_logprob is None else grad_logprob,
+        log_z if grad_entropy is None else grad_entropy,
+        vocab_start,
+        cols,
+        inv_t=1 / spec.temperature,
+        HAS_LOGPROB_GRAD=grad_logprob is not None,
+        HAS_ENTROPY_GRAD=grad_entropy is not None,
+        BLOCK_SIZE=_lp._BLOCK_SIZE,
+        **spec.kernel_args(),
+    )
 
 
-def backward_pair_tile(s_tile: torch.Tensor, t_tile: torch.Tensor, log_z: torch.Tensor, ref_log_z: torch.Tensor,
-                       kl: torch.Tensor, grad_kl: torch.Tensor, spec: HeadSpec, ref_spec: HeadSpec) -> None:
+def backward_pair_tile(
+    s_tile: torch.Tensor,
+    t_tile: torch.Tensor,
+    log_z: torch.Tensor,
+    ref_log_z: torch.Tensor,
+    kl: torch.Tensor,
+    grad_kl: torch.Tensor,
+    spec: HeadSpec,
+    ref_spec: HeadSpec,
+) -> None:
     """Overwrite `s_tile` with dD/d(projection) = g·p_j(ℓ_j − D)·dz/dy, TRL's divergence backward
     kernel in its KL(student‖teacher) mode."""
     n, cols = s_tile.shape
@@ -172,7 +225,19 @@ def backward_pair_tile(s_tile: torch.Tensor, t_tile: torch.Tensor, log_z: torch.
     else:
         fold = _div._backward_tile
     fold(
-        s_tile, s_tile.stride(0), t_tile, t_tile.stride(0), log_z, ref_log_z, kl, grad_kl, cols, 1.0,
-        inv_t=1 / spec.temperature, MODE=1, BLOCK_SIZE=_lp._BLOCK_SIZE,
-        **spec.kernel_args("s_"), **ref_spec.kernel_args("t_"),
-    )  # fmt: skip
+        s_tile,
+        s_tile.stride(0),
+        t_tile,
+        t_tile.stride(0),
+        log_z,
+        ref_log_z,
+        kl,
+        grad_kl,
+        cols,
+        1.0,
+        inv_t=1 / spec.temperature,
+        MODE=1,
+        BLOCK_SIZE=_lp._BLOCK_SIZE,
+        **spec.kernel_args("s_"),
+        **ref_spec.kernel_args("t_"),
+    )
