@@ -10,7 +10,7 @@ random-weight model:
   which is timed as part of the step.
 - `tike`, `rb tiled`: `TIKEGRPOTrainer`, whose loss runs the reference forward itself.
 - `tike naive`, `rb naive`: the same trainer with a head that materialises both models'
-  `[tokens, vocab]` log-softmax (`benchmarks.heads.DenseHead`).
+  `[tokens, vocab]` log-softmax (`tests.dense_head.DenseHead`).
 - `backbone`: TRL's k3 step with no LM head at all (`benchmarks.heads.NoHead`); a variant's
   head extra memory is its peak minus this step's peak.
 
@@ -43,10 +43,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Con
 from trl import GRPOConfig, GRPOTrainer
 
 import tike_trl
+from tests.dense_head import DenseHeadTrainer
 from tike_trl import TIKEConfig, TIKEGRPOTrainer
 from tike_trl.fused_head import replace_head_kernel
 
-from .heads import DenseHeadTrainer, NoHead
+from .heads import NoHead
 from .measure import freed_memory_kept, peak_memory, timed, unique_tensor_bytes
 
 ROOT = Path(__file__).resolve().parents[1]

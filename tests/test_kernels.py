@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tike_trl.estimators import exact_kl, importance_ratio, kl_estimate, truncated_kl
+from tike_trl.estimators import TopKLogProbs, exact_kl, importance_ratio, kl_estimate, truncated_kl
 from tike_trl.kernels import HeadSpec, RefHead, Tiling, policy_head, reference_logprobs
 from tike_trl.kernels.topk import tile_topk
 
@@ -313,15 +313,14 @@ def test_kernel_pipeline_equals_kl_estimate(tail):
     old_logp = torch.randn(37, generator=torch.Generator().manual_seed(11)).clamp(max=0) - 2.0
     out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=5, tiling=TILING)
     logq = reference_logprobs(ref_h, ref_w, ref_b, torch.cat([out.topk_indices, targets[:, None]], 1), tiling=TILING)
-    ours = truncated_kl(
-        out.topk_logprobs,
-        logq[:, :-1],
-        out.logprob,
-        logq[:, -1],
-        (out.topk_indices == targets[:, None]).any(-1),
-        importance_ratio(out.logprob, old_logp),
-        tail,
+    logps = TopKLogProbs(
+        policy=out.topk_logprobs,
+        ref=logq[:, :-1],
+        policy_sampled=out.logprob,
+        ref_sampled=logq[:, -1],
+        sampled_in_topk=(out.topk_indices == targets[:, None]).any(-1),
     )
+    ours = truncated_kl(logps, importance_ratio(out.logprob, old_logp), tail)
     dense = kl_estimate(
         dense_logits(hidden, weight, bias, HeadSpec()),
         dense_logits(ref_h, ref_w, ref_b, HeadSpec()),

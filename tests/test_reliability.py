@@ -150,7 +150,7 @@ def test_padded_vocabulary_rows_never_in_the_top_k(tmp_path, monkeypatch):
         tike_top_k=4,
         generation_kwargs={"suppress_tokens": list(range(len(WORDS), len(WORDS) + 24))},
     )
-    assert trainer._top_k_vocab == len(WORDS)
+    assert trainer.top_k_vocab == len(WORDS)
     trainer.train()
     assert_healthy(trainer)
     assert chosen and max(chosen) < len(WORDS)

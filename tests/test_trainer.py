@@ -8,12 +8,12 @@ import warnings
 
 import pytest
 import torch
+from dense_head import DenseHeadTrainer
 from peft import LoraConfig, get_peft_model
 from tiny import load_tokenizer, prompt_dataset, reward_length, save_tiny_model
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
-from benchmarks.heads import DenseHeadTrainer
 from tike_trl import TIKEConfig, TIKEGRPOTrainer
 
 COMMON = dict(
@@ -191,7 +191,7 @@ def tied_model_dir(tmp_path_factory):
 def test_tiled_head_equals_dense_head_tied_embeddings(tied_model_dir, tmp_path, estimator, tail):
     """Through the trainer, on a model whose LM head is its input embedding: our tiled head gives
     the loss and gradients of the naive head that materialises both models' log_softmax (the
-    benchmarks' `DenseHead`, built on `tike_trl.estimators`), off-policy."""
+    the dense `DenseHead`, built on `tike_trl.estimators`), off-policy."""
     _, inputs = _fixed_batch(tied_model_dir, tmp_path)
     inputs = {
         **inputs,

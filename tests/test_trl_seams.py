@@ -15,6 +15,7 @@ from trl import GRPOTrainer
 from trl.kernels import ChunkedLogProbFunction, chunked_divergence, chunked_logprob
 
 from tike_trl.fused_head import ReferenceCapture, TIKEHead, replace_head_kernel
+from tike_trl.trainer import FORWARD_KEYS
 
 
 def test_trl_version_in_supported_range():
@@ -153,6 +154,15 @@ def test_divergence_tile_kernels(name, params):
     assert hasattr(chunked_divergence, "_stats_kernel") and hasattr(chunked_divergence, "VOCAB_CHUNK_SIZE")
 
 
+def test_forward_keys_are_trls_model_inputs():
+    """The reference forward gets the same model inputs TRL's loss gives the policy forward."""
+    params = list(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
+    switches = ["batch_size", "compute_entropy", "compute_aux_loss"]
+    assert params == ["self", "model", "input_ids", "attention_mask", "logits_to_keep", *switches, *FORWARD_KEYS]
+    loss_source = inspect.getsource(GRPOTrainer._compute_loss)
+    assert all(f'{key}=inputs.get("{key}")' in loss_source for key in FORWARD_KEYS)
+
+
 def test_grpo_trainer_methods_we_extend():
     for name in ("_compute_loss", "_get_per_token_logps_and_entropies", "_generate_and_score_completions"):
         assert callable(getattr(GRPOTrainer, name))
@@ -182,4 +192,4 @@ def test_our_head_returns_what_trls_kernel_returns(tiny_model_dir):
     torch.testing.assert_close(ours.log_probs, theirs.log_probs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.entropy, theirs.entropy, atol=1e-5, rtol=1e-5)
     assert capture.heads[0].spec.temperature == 0.8
-    assert head.results[0][0].exact_kl.abs().max() < 1e-5  # the same model as its own reference
+    assert head.rows[0].exact_kl.abs().max() < 1e-5  # the same model as its own reference

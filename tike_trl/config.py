@@ -8,10 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
-from .estimators import CLIP_MODES, ESTIMATORS, TAILS, check_choice, check_top_k
-
-# estimators that evaluate the reference at loss time, at the current policy's top-k (or everywhere)
-HEAD_ESTIMATORS = ("tike", "rb")
+from .estimators import CLIP_MODES, ESTIMATORS, HEAD_ESTIMATORS, TAILS, check_choice, check_top_k
 
 
 def check_exact_kl_logging(steps: object, kl_estimator: str, beta: float) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .estimators import TAILS, _at_least_fp32, kl_estimate, p_log_ratio, truncated_kl
+from .estimators import TAILS, TopKLogProbs, at_least_fp32, kl_estimate, p_log_ratio
 
 # value estimators compared in bias and variance; on-policy samples, so the importance ratio is 1
 VALUE_ESTIMATORS = ("k1", "k3", "rb", *(f"tike-{tail}" for tail in TAILS))
@@ -54,21 +54,20 @@ def truncation_stats(
     policy_logits: torch.Tensor, ref_logits: torch.Tensor, sampled: torch.Tensor, ks: Sequence[int]
 ) -> PositionStats:
     """Top-k mass, truncated KL and tail residual at every k of `ks`, and the exact KL."""
-    logp = F.log_softmax(_at_least_fp32(policy_logits), dim=-1)
-    logq = F.log_softmax(_at_least_fp32(ref_logits), dim=-1)
+    logp = F.log_softmax(at_least_fp32(policy_logits), dim=-1)
+    logq = F.log_softmax(at_least_fp32(ref_logits), dim=-1)
     ids = sampled.long().unsqueeze(-1)
-    logp_o, logq_o = logp.gather(-1, ids).squeeze(-1), logq.gather(-1, ids).squeeze(-1)
+    logp_o = logp.gather(-1, ids).squeeze(-1)
     top = logp.topk(max(ks), dim=-1)  # sorted, so S_k is the first k columns for every k
     terms = p_log_ratio(logp, logq)
-    ones = torch.ones_like(logp_o)
     mass, trunc, tail, inside = [], [], [], []
     for k in ks:
         s = top.indices[:, :k]
-        o_in_s = (s == ids).any(-1)
-        mass.append(top.values[:, :k].exp().sum(-1))
-        trunc.append(truncated_kl(top.values[:, :k], logq.gather(-1, s), logp_o, logq_o, o_in_s, ones, "drop"))
+        logps = TopKLogProbs.gather(logp, logq, s, sampled)
+        mass.append(logps.topk_mass())
+        trunc.append(logps.topk_sum())
         tail.append(terms.scatter(-1, s, 0.0).sum(-1))
-        inside.append(o_in_s)
+        inside.append(logps.sampled_in_topk)
     return PositionStats(
         topk_mass=torch.stack(mass, -1),
         truncated=torch.stack(trunc, -1),
@@ -82,7 +81,7 @@ def truncation_stats(
 
 
 def _sampled_logprob(policy_logits: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(_at_least_fp32(policy_logits), dim=-1).gather(-1, sampled.long().unsqueeze(-1)).squeeze(-1)
+    return F.log_softmax(at_least_fp32(policy_logits), dim=-1).gather(-1, sampled.long().unsqueeze(-1)).squeeze(-1)
 
 
 def token_estimate(
@@ -93,11 +92,7 @@ def token_estimate(
     k3 times the differentiable ratio π_θ(o)/π_old(o), whose value is 1 on-policy."""
     if name.startswith("tike-"):
         return kl_estimate(policy_logits, ref_logits, sampled, "tike", top_k=top_k, tail=name.removeprefix("tike-"))
-    value = kl_estimate(policy_logits, ref_logits, sampled, name)
-    if name == "k3":
-        logp_o = _sampled_logprob(policy_logits, sampled)
-        value = value * torch.exp(logp_o - logp_o.detach())
-    return value
+    return kl_estimate(policy_logits, ref_logits, sampled, name, bias_correction=True)
 
 
 def reward_to_go(values: torch.Tensor, layout: torch.Tensor, inclusive: bool) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""The per-token KL estimators of DESIGN §2, as dense tensor math.
+"""The per-token KL estimators as dense tensor math: the one home of the formulas.
 
-This module is the oracle: the trainer's tiled kernels only produce log-probabilities at a few
-indices (the sampled token, the policy's top-k) and hand them to the same functions used here,
-and every kernel is tested against :func:`kl_estimate` on full logits.
+The trainer's tiled kernels only produce log-probabilities at a few indices (the sampled token,
+the policy's top-k) and hand them to the functions here, and every kernel is tested against
+:func:`kl_estimate` on full logits. `docs/estimators.md` derives each formula.
 
 Notation, one token position: p = π_θ(·|h), q = π_ref(·|h), ℓ_v = log p_v − log q_v, o the
 sampled token (drawn from π_old), r = p(o) / π_old(o), S the top-k indices of p (chosen without
@@ -11,12 +11,19 @@ gradient), sg = stop-gradient.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 ESTIMATORS = ("k1", "k2", "k3", "rb", "tike")
+# estimators computed from the sampled token's log-probs (TRL's reference pass provides log q(o))
 SAMPLED_TOKEN_ESTIMATORS = ("k1", "k2", "k3")
+# estimators that apply the reference head at loss time, at the current policy's top-k (or everywhere)
+HEAD_ESTIMATORS = ("tike", "rb")
 TAILS = ("sampled", "drop", "mc")
+CLIP_MODES = ("truncate", "mask")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -26,6 +33,7 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 
 def check_top_k(top_k: object, vocab_size: int | None = None) -> None:
+    """`tike_top_k` must be an integer >= 1 and, once the vocabulary is known, no larger than it."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"tike_top_k={top_k!r} must be an integer >= 1.")
     if vocab_size is not None and top_k > vocab_size:
@@ -64,7 +72,26 @@ def sampled_token_kl(logp_o: torch.Tensor, logq_o: torch.Tensor, estimator: str)
     return torch.exp(log_ref_ratio) - log_ref_ratio - 1
 
 
-CLIP_MODES = ("truncate", "mask")
+def trl_ratio(
+    logp_o: torch.Tensor,
+    old_logp_o: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    level: str = "token",
+) -> torch.Tensor:
+    """TRL's differentiable importance weight `coef_1` = π_θ(o)/π_old(o), which its
+    `use_bias_correction_kl` (on by default) multiplies into k3; 1 in value on-policy
+    (`old_logp_o` None), with the gradient of π_θ(o)/sg(π_θ(o)).
+
+    At `level="sequence"` it is exp of the mean log-ratio over `mask`'s tokens, one per sequence
+    ([batch, 1]), as TRL's `importance_sampling_level="sequence"`.
+    """
+    check_choice("importance_sampling_level", level, IMPORTANCE_SAMPLING_LEVELS)
+    log_ratio = logp_o - (logp_o.detach() if old_logp_o is None else old_logp_o)
+    if level == "sequence":
+        if mask is None:
+            raise ValueError("The sequence-level ratio needs the mask of the tokens it averages over.")
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    return torch.exp(log_ratio)
 
 
 def importance_ratio(
@@ -73,8 +100,8 @@ def importance_ratio(
     """sg(r) = sg(p(o) / π_old(o)); 1 when `old_logp_o` is None (on-policy).
 
     `clip` bounds r from above so a stale or mismatched rollout (π_old(o) ≈ 0) cannot blow the
-    loss up: ``"truncate"`` caps r at `clip`, ``"mask"`` sets r to 0 where it exceeds `clip` (that
-    token's KL term is dropped), as TRL's `vllm_importance_sampling_mode` does for its ratios.
+    loss up: ``"truncate"`` caps r at `clip`, ``"mask"`` sets r to 0 where it exceeds `clip` (the
+    terms r multiplies are dropped), as TRL's `vllm_importance_sampling_mode` does for its ratios.
     """
     check_choice("tike_is_clip_mode", clip_mode, CLIP_MODES)
     if old_logp_o is None:
@@ -87,16 +114,40 @@ def importance_ratio(
     return torch.where(ratio > clip, torch.zeros_like(ratio), ratio)
 
 
-def truncated_kl(
-    logp_s: torch.Tensor,
-    logq_s: torch.Tensor,
-    logp_o: torch.Tensor,
-    logq_o: torch.Tensor,
-    o_in_s: torch.Tensor,
-    ratio: torch.Tensor,
-    tail: str,
-) -> torch.Tensor:
-    """TIKE from log-probs at the top-k set S ([..., k]) and at the sampled token o ([...]).
+@dataclass
+class TopKLogProbs:
+    """Both models' log-probabilities at the policy's top-k set S and at the sampled token o: all
+    that TIKE reads. Shapes: `[..., k]` at S, `[...]` at o."""
+
+    policy: torch.Tensor  # log p_v, v ∈ S (differentiable)
+    ref: torch.Tensor  # log q_v, v ∈ S
+    policy_sampled: torch.Tensor  # log p(o) (differentiable)
+    ref_sampled: torch.Tensor  # log q(o)
+    sampled_in_topk: torch.Tensor  # o ∈ S (bool)
+
+    @staticmethod
+    def gather(logp: torch.Tensor, logq: torch.Tensor, top: torch.Tensor, sampled: torch.Tensor) -> TopKLogProbs:
+        """From full log-probs ([..., V]), the top-k indices ([..., k]) and the sampled ids ([...])."""
+        ids = sampled.long().unsqueeze(-1)
+        return TopKLogProbs(
+            policy=logp.gather(-1, top),
+            ref=logq.gather(-1, top),
+            policy_sampled=logp.gather(-1, ids).squeeze(-1),
+            ref_sampled=logq.gather(-1, ids).squeeze(-1),
+            sampled_in_topk=(top == ids).any(-1),
+        )
+
+    def topk_sum(self) -> torch.Tensor:
+        """Σ_{v∈S} p_v ℓ_v, the truncated KL (TIKE Eq. 10), differentiable."""
+        return p_log_ratio(self.policy, self.ref).sum(-1)
+
+    def topk_mass(self) -> torch.Tensor:
+        """Σ_{v∈S} p_v, without gradient."""
+        return self.policy.detach().exp().sum(-1)
+
+
+def truncated_kl(logps: TopKLogProbs, ratio: torch.Tensor, tail: str) -> torch.Tensor:
+    """TIKE from the log-probs at S and at o, weighted by `ratio` (sg(r), see `importance_ratio`).
 
     - ``drop``: sg(r)·Σ_{v∈S} p_v ℓ_v (paper Eq. 6); gradient by autograd (Eq. 17).
     - ``sampled``: the same over S ∪ {o} (paper §4.3 guard against probability leakage).
@@ -105,23 +156,25 @@ def truncated_kl(
       expectation is the exact ∇D (differentiating the truncated sum would add ∇(top-k mass)).
     """
     check_choice("tike_tail", tail, TAILS)
-    head = p_log_ratio(logp_s, logq_s).sum(-1)
-    outside = (~o_in_s).to(head.dtype)
+    head = logps.topk_sum()
+    outside = (~logps.sampled_in_topk).to(head.dtype)
     if tail == "drop":
         return ratio * head
     if tail == "sampled":
-        return ratio * (head + outside * p_log_ratio(logp_o, logq_o))
+        return ratio * (head + outside * p_log_ratio(logps.policy_sampled, logps.ref_sampled))
     # the sampled token counts only outside S, and only where p(o) > 0 (else its term is 0·ℓ = 0)
-    use_o = (~o_in_s) & (logp_o > float("-inf"))
-    tail_term = ratio * torch.where(use_o, logp_o - logq_o, torch.zeros_like(logp_o))
+    logp_o = logps.policy_sampled
+    use_o = (~logps.sampled_in_topk) & (logp_o > float("-inf"))
+    tail_term = ratio * torch.where(use_o, logp_o - logps.ref_sampled, torch.zeros_like(logp_o))
     value = head + tail_term
-    finite_logp_s = logp_s.clamp(min=torch.finfo(logp_s.dtype).min)
-    surrogate = (p_log_ratio(logp_s, logq_s).detach() * finite_logp_s).sum(-1)
+    finite_logp_s = logps.policy.clamp(min=torch.finfo(logps.policy.dtype).min)
+    surrogate = (p_log_ratio(logps.policy, logps.ref).detach() * finite_logp_s).sum(-1)
     surrogate = surrogate + tail_term.detach() * torch.where(use_o, logp_o, torch.zeros_like(logp_o))
     return value.detach() + surrogate - surrogate.detach()
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """The dense math runs in float32; float64 inputs stay float64."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
@@ -136,15 +189,16 @@ def kl_estimate(
     old_logprobs: torch.Tensor | None = None,
     is_clip: float | None = None,
     is_clip_mode: str = "truncate",
+    bias_correction: bool = False,
 ) -> torch.Tensor:
     """Per-token KL(π_θ‖π_ref) estimate from full logits, shape ``policy_logits.shape[:-1]``.
 
     Its autograd gradient with respect to ``policy_logits`` is the gradient the estimator
-    prescribes (DESIGN §2; for ``tail="mc"`` the surrogate's). Logits are unnormalised and
-    may hold −inf; the math runs in float32 (float64 inputs stay float64). ``old_logprobs`` is
-    log π_old(o_t), shaped like ``sampled_ids``; None means on-policy (r = 1). `is_clip` bounds r
-    (see `importance_ratio`).
-    k3 is the plain form, without TRL's ratio.
+    prescribes (for ``tail="mc"`` the surrogate's). Logits are unnormalised and may hold −inf; the
+    math runs in float32 (float64 inputs stay float64). ``old_logprobs`` is log π_old(o_t), shaped
+    like ``sampled_ids``; None means on-policy (r = 1). `is_clip` bounds r (see `importance_ratio`).
+    k3 is the plain form unless ``bias_correction``, which multiplies it by TRL's differentiable
+    token-level ratio (`trl_ratio`), as the trainer does with TRL's `use_bias_correction_kl`.
     """
     check_choice("kl_estimator", estimator, ESTIMATORS)
     check_choice("tike_tail", tail, TAILS)
@@ -166,15 +220,16 @@ def kl_estimate(
     if estimator == "tike":
         check_top_k(top_k, vocab_size)
 
-    logp = F.log_softmax(_at_least_fp32(policy_logits), dim=-1)
-    logq = F.log_softmax(_at_least_fp32(ref_logits), dim=-1)
-    ids = sampled_ids.long().unsqueeze(-1)
-    logp_o = logp.gather(-1, ids).squeeze(-1)
-    logq_o = logq.gather(-1, ids).squeeze(-1)
-    if estimator in SAMPLED_TOKEN_ESTIMATORS:
-        return sampled_token_kl(logp_o, logq_o, estimator)
+    logp = F.log_softmax(at_least_fp32(policy_logits), dim=-1)
+    logq = F.log_softmax(at_least_fp32(ref_logits), dim=-1)
     if estimator == "rb":
         return exact_kl(logp, logq)
-    top = logp.detach().topk(top_k, dim=-1).indices
-    ratio = importance_ratio(logp_o, old_logprobs if importance_weight else None, is_clip, is_clip_mode)
-    return truncated_kl(logp.gather(-1, top), logq.gather(-1, top), logp_o, logq_o, (top == ids).any(-1), ratio, tail)
+    top = logp.detach().topk(top_k, dim=-1).indices if estimator == "tike" else sampled_ids.long().unsqueeze(-1)
+    logps = TopKLogProbs.gather(logp, logq, top, sampled_ids)
+    if estimator in SAMPLED_TOKEN_ESTIMATORS:
+        value = sampled_token_kl(logps.policy_sampled, logps.ref_sampled, estimator)
+        if estimator == "k3" and bias_correction:
+            value = value * trl_ratio(logps.policy_sampled, old_logprobs)
+        return value
+    ratio = importance_ratio(logps.policy_sampled, old_logprobs if importance_weight else None, is_clip, is_clip_mode)
+    return truncated_kl(logps, ratio, tail)

@@ -3,22 +3,24 @@
 TRL's `add_fused_lm_head` patches a model so that `model(..., labels=..., fused_lm_head=True)`
 runs the backbone, finds the head's logit scale and softcap, gathers a ZeRO-3/FSDP head, and
 calls `trl.trainer.utils._ChunkedLogProbFunction.apply(hidden, weight, bias, targets, ...)` on
-the scored rows. That global is looked up at call time, so for the duration of one call we put
-our own head in its place: TRL keeps doing all of the above, and our head returns what TRL
-expects (label log-prob, entropy) while keeping what TIKE needs (top-k, reference log-probs,
-exact KL) for the trainer. `tests/test_trl_seams.py` fails if this seam moves.
+the scored rows. That global is looked up at call time, so for the duration of one TRL call we
+put a head of ours in its place: TRL keeps doing all of the above, and our head returns what TRL
+expects (label log-prob, entropy) while recording what the KL term needs. Each head here records
+one row-layout result per call; `PolicyForward.laid_out` turns them into `[batch, completion_len]`
+tensors like TRL's log-probs. `tests/test_trl_seams.py` fails if this seam moves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import trl.trainer.utils as trl_utils
+from trl.kernels import ChunkedLogProbFunction
 
-from .kernels import HeadOutputs, HeadSpec, RefHead, Tiling, policy_head, reference_logprobs
+from .kernels import HeadSpec, RefHead, Tiling, policy_head, reference_logprobs
 
 _UNSUPPORTED_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -70,16 +72,43 @@ class ReferenceCapture:
 
 
 @dataclass
+class HeadRows:
+    """What one head call produced, per scored row in TRL's row layout. Log-probs are float32;
+    `logprob` is the label's, the one TRL's policy-gradient loss reads."""
+
+    logprob: torch.Tensor  # [rows] log p(label), differentiable
+    entropy: torch.Tensor | None = None  # [rows]
+    topk_logprobs: torch.Tensor | None = None  # [rows, k] log p at the top-k set S, differentiable
+    topk_indices: torch.Tensor | None = None  # [rows, k]
+    ref_topk_logprobs: torch.Tensor | None = None  # [rows, k] log q at S
+    ref_logprob: torch.Tensor | None = None  # [rows] log q(label)
+    exact_kl: torch.Tensor | None = None  # [rows] Σ_v p_v ℓ_v, differentiable
+
+
+@dataclass
+class LogProbRecorder:
+    """TRL's own log-prob kernel, recording its label log-probs: the capture for the estimators
+    that read only the sampled token (k1, k2, k3)."""
+
+    rows: list[HeadRows] = field(default_factory=list)
+
+    def apply(self, hidden, weight, bias, targets, *args, **kwargs):
+        out = ChunkedLogProbFunction.apply(hidden, weight, bias, targets, *args, **kwargs)
+        self.rows.append(HeadRows(logprob=out[0], entropy=out[1]))
+        return out
+
+
+@dataclass
 class TIKEHead:
     """Stands in for TRL's kernel during the policy forward of the loss: one pass over the policy
     head (label log-prob, entropy, top-k, and the exact KL when `exact_kl`), then log π_ref at the
-    top-k and the label from the captured reference head."""
+    top-k and the label from the captured reference head, recorded per call in `rows`."""
 
     refs: list[RefHead]
     top_k: int
     exact_kl: bool
     top_k_vocab: int | None = None
-    results: list[tuple[HeadOutputs, torch.Tensor | None]] = field(default_factory=list)
+    rows: list[HeadRows] = field(default_factory=list)
 
     def apply(
         self,
@@ -94,19 +123,16 @@ class TIKEHead:
         outputs=("log_probs",),
     ):
         _check_outputs(outputs)
-        if len(self.results) >= len(self.refs):
+        if len(self.rows) >= len(self.refs):
             raise RuntimeError("More policy head calls than captured reference heads: the forwards are misaligned.")
-        out, ref_logprobs = self.evaluate(
-            hidden,
-            weight,
-            bias,
-            targets,
+        spec, ref, tiling = (
             _spec(temperature, softcap, logit_scale),
-            self.refs[len(self.results)],
+            self.refs[len(self.rows)],
             Tiling(vocab=chunk_size),
         )
-        self.results.append((out, ref_logprobs))
-        return out.logprob, (out.entropy if "entropy" in outputs else None), None, None, None
+        rows = self.evaluate(hidden, weight, bias, targets, spec, ref, tiling)
+        self.rows.append(rows)
+        return rows.logprob, (rows.entropy if "entropy" in outputs else None), None, None, None
 
     def evaluate(
         self,
@@ -117,15 +143,47 @@ class TIKEHead:
         spec: HeadSpec,
         ref: RefHead,
         tiling: Tiling,
-    ) -> tuple[HeadOutputs, torch.Tensor | None]:
-        """The policy head's outputs on these rows, and log π_ref at [top-k, label] (None without top-k)."""
+    ) -> HeadRows:
+        """The policy head's outputs on these rows, and log π_ref at the top-k and the label (the
+        benchmarks override this with a dense head)."""
         out = policy_head(
             hidden, weight, bias, targets, spec, self.top_k, ref if self.exact_kl else None, tiling, self.top_k_vocab
         )
-        if not self.top_k:
-            return out, None
-        indices = torch.cat([out.topk_indices, targets.unsqueeze(1)], dim=1)
-        return out, reference_logprobs(ref.hidden, ref.weight, ref.bias, indices, ref.spec, tiling)
+        rows = HeadRows(logprob=out.logprob, entropy=out.entropy, exact_kl=out.exact_kl)
+        if self.top_k:
+            indices = torch.cat([out.topk_indices, targets.unsqueeze(1)], dim=1)
+            ref_logprobs = reference_logprobs(ref.hidden, ref.weight, ref.bias, indices, ref.spec, tiling)
+            rows.topk_logprobs, rows.topk_indices = out.topk_logprobs, out.topk_indices
+            rows.ref_topk_logprobs, rows.ref_logprob = ref_logprobs[:, :-1], ref_logprobs[:, -1]
+        return rows
+
+
+@dataclass
+class PolicyForward:
+    """The loss's policy forward, laid out `[batch, completion_len, ...]` like TRL's log-probs
+    (zeros at padding). `logps` is TRL's label log-prob; the other fields are None unless the
+    head computed them (see `HeadRows`)."""
+
+    logps: torch.Tensor
+    topk_logprobs: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+    ref_topk_logprobs: torch.Tensor | None = None
+    ref_logprob: torch.Tensor | None = None
+    exact_kl: torch.Tensor | None = None
+
+    @staticmethod
+    def laid_out(rows: list[HeadRows], attention_mask: torch.Tensor, logits_to_keep: int) -> PolicyForward:
+        """One head call's rows (TRL's loss scores the micro-batch in one forward) as a PolicyForward."""
+        if len(rows) != 1:
+            raise RuntimeError(f"TRL's loss made {len(rows)} policy head calls, not 1: the seam moved.")
+        values = {f.name: getattr(rows[0], f.name) for f in fields(PolicyForward) if f.name != "logps"}
+        return PolicyForward(
+            logps=rows_to_completion(rows[0].logprob, attention_mask, logits_to_keep),
+            **{
+                name: None if value is None else rows_to_completion(value, attention_mask, logits_to_keep)
+                for name, value in values.items()
+            },
+        )
 
 
 def rows_to_completion(rows: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:

@@ -12,10 +12,34 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id, use_adapter
 
-from .config import HEAD_ESTIMATORS, TIKEConfig
-from .estimators import SAMPLED_TOKEN_ESTIMATORS, check_top_k, importance_ratio, sampled_token_kl, truncated_kl
-from .fused_head import ReferenceCapture, TIKEHead, replace_head_kernel, rows_to_completion
+from .config import TIKEConfig
+from .estimators import (
+    HEAD_ESTIMATORS,
+    SAMPLED_TOKEN_ESTIMATORS,
+    TopKLogProbs,
+    check_top_k,
+    importance_ratio,
+    sampled_token_kl,
+    trl_ratio,
+    truncated_kl,
+)
+from .fused_head import LogProbRecorder, PolicyForward, ReferenceCapture, TIKEHead, replace_head_kernel
 from .kernels import RefHead, head_rows
+
+# the model inputs besides the token ids that TRL's `_compute_loss` hands its policy forward
+# (multimodal batches); the reference forward gets the same (tests/test_trl_seams.py checks the list)
+FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 
 
 @dataclass
@@ -26,6 +50,17 @@ class KLTerms:
     topk_mass: torch.Tensor | None = None
     exact: torch.Tensor | None = None  # exact per-token KL, on `log_exact_kl_steps` steps
     tail_residual: torch.Tensor | None = None  # exact KL minus the top-k sum (paper Eq. 11)
+
+
+def _attention_mask(inputs: dict) -> torch.Tensor:
+    """The attention mask of the micro-batch's prompt + completion ids, as TRL's loss builds it."""
+    return torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+
+
+def _loss_mask(inputs: dict) -> torch.Tensor:
+    """The tokens TRL's loss counts: the completion, minus tool-call outputs when the batch has them."""
+    mask = inputs["completion_mask"]
+    return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
 
 
 def _checked_rollout(rollout_func: Callable) -> Callable:
@@ -59,6 +94,10 @@ class TIKEGRPOTrainer(GRPOTrainer):
       policy's one forward runs our tiled head (label log-prob, entropy, top-k or exact KL);
       the reference (a separate model, or the PEFT model with adapters disabled) contributes
       its final hidden states, and its head is applied tile by tile.
+
+    `_compute_loss` reads top-down: the capture stands in for TRL's head kernel while TRL computes
+    its loss (KL term off), then the KL terms come from what it recorded, are aggregated like TRL's
+    per-token loss, and logged. docs/architecture.md follows one step through the modules.
     """
 
     _tag_names = ["trl", "grpo", "tike"]
@@ -75,15 +114,13 @@ class TIKEGRPOTrainer(GRPOTrainer):
                 f"TIKEGRPOTrainer needs a TIKEConfig, got {type(args).__name__}: swap the import of "
                 "GRPOConfig for `from tike_trl import TIKEConfig`."
             )
-        self._kl_request: dict | None = None
-        self._kl_terms: KLTerms | None = None
         if kwargs.get("rollout_func") is not None:
             kwargs["rollout_func"] = _checked_rollout(kwargs["rollout_func"])
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
         rows = head_rows(self.model.get_output_embeddings().weight)
         # a head padded beyond the tokenizer (e.g. 151,936 rows, 151,665 tokens): its extra rows
         # are never sampled, so they are never put in the top-k set either
-        self._top_k_vocab = len(self._tokenizer) if len(self._tokenizer) < rows else None
+        self.top_k_vocab = len(self._tokenizer) if len(self._tokenizer) < rows else None
         if self.beta != 0.0 and (args.kl_estimator == "tike" or args.log_exact_kl_steps):
             check_top_k(args.tike_top_k, min(rows, len(self._tokenizer)))
 
@@ -107,25 +144,44 @@ class TIKEGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
         if self.beta == 0.0:
             return super()._compute_loss(model, inputs)
-        self._kl_request = inputs  # the policy forward inside TRL's loss computes the KL terms
-        try:
-            with self._trl_kl_term_off():
-                loss = super()._compute_loss(model, inputs)
-            terms = self._kl_terms
-        finally:
-            self._kl_request, self._kl_terms = None, None
-        if terms is None:
-            raise RuntimeError("TRL's loss did not call `_get_per_token_logps_and_entropies`: the seam moved.")
-        mask = (
-            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
-        )
+        # TRL's loss makes one policy forward; the capture stands in for TRL's head kernel in it
+        capture = self._policy_capture(inputs)
+        with replace_head_kernel(capture), self._trl_kl_term_off():
+            loss = super()._compute_loss(model, inputs)
+        forward = PolicyForward.laid_out(capture.rows, _attention_mask(inputs), inputs["completion_ids"].size(1))
+        terms = self._kl_terms(forward, inputs)
+        mask = _loss_mask(inputs)
         mode = "train" if self.model.training else "eval"
         loss = loss + self.beta * self._aggregate_like_trl(terms.kl, mask, inputs, mode)
-        self._metrics[mode]["kl"].append(self._global_masked_mean(terms.kl, mask))
-        for name in ("topk_mass", "exact", "tail_residual"):
-            if getattr(terms, name) is not None:
-                self._metrics[mode][f"kl/{name}"].append(self._global_masked_mean(getattr(terms, name), mask))
+        self._log_kl_metrics(terms, mask, mode)
         return loss
+
+    # ---- the loss's policy forward ----
+
+    def _policy_capture(self, inputs: dict) -> LogProbRecorder | TIKEHead:
+        """What stands in for TRL's head kernel in the loss's policy forward: TRL's own kernel,
+        recorded, for the sampled-token estimators; our tiled head for `tike` and `rb`."""
+        if self.args.kl_estimator in SAMPLED_TOKEN_ESTIMATORS:
+            return LogProbRecorder()
+        refs = self._reference_heads(
+            torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+            _attention_mask(inputs),
+            inputs["completion_ids"].size(1),
+            **{key: inputs.get(key) for key in FORWARD_KEYS},
+        )
+        return self._loss_head(refs)
+
+    def _loss_head(self, refs: list[RefHead]) -> TIKEHead:
+        """Our head for the loss's policy forward (the benchmarks override it with a naive,
+        materialising head). On exact-KL logging steps the one policy pass returns the top-k and
+        the exact KL."""
+        exact_step = self._logs_exact_kl()
+        return TIKEHead(
+            refs,
+            top_k=self.args.tike_top_k if self.args.kl_estimator == "tike" or exact_step else 0,
+            exact_kl=self.args.kl_estimator == "rb" or exact_step,
+            top_k_vocab=self.top_k_vocab,
+        )
 
     def _logs_exact_kl(self) -> bool:
         """Whether this step logs kl/exact and kl/tail_residual: optimizer steps whose number (as
@@ -133,115 +189,64 @@ class TIKEGRPOTrainer(GRPOTrainer):
         every = self.args.log_exact_kl_steps
         return every > 0 and (not self.model.training or (self.state.global_step + 1) % every == 0)
 
-    # ---- the policy forward of the loss ----
-
-    def _get_per_token_logps_and_entropies(
-        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, **kwargs
-    ):
-        inputs, self._kl_request = self._kl_request, None
-        forward = super()._get_per_token_logps_and_entropies
-        if inputs is None:  # generation-time passes: TRL's own
-            return forward(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs)
-        if self.args.kl_estimator in SAMPLED_TOKEN_ESTIMATORS:
-            logps, entropies, aux = forward(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
-            )
-            self._kl_terms = self._sampled_token_terms(logps, inputs)
-            return logps, entropies, aux
-        head = self._loss_head(self._reference_heads(input_ids, attention_mask, logits_to_keep, batch_size, **kwargs))
-        with replace_head_kernel(head):
-            logps, entropies, aux = forward(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, **kwargs
-            )
-        self._kl_terms = self._head_terms(head, logps, inputs, attention_mask, logits_to_keep, batch_size)
-        return logps, entropies, aux
-
-    def _loss_head(self, refs: list[RefHead]) -> TIKEHead:
-        """What stands in for TRL's head kernel during the loss's policy forward (the benchmarks
-        override it with a naive, materialising head). On exact-KL logging steps the one policy
-        pass returns the top-k and the exact KL."""
-        exact_step = self._logs_exact_kl()
-        return TIKEHead(
-            refs,
-            top_k=self.args.tike_top_k if self.args.kl_estimator == "tike" or exact_step else 0,
-            exact_kl=self.args.kl_estimator == "rb" or exact_step,
-            top_k_vocab=self._top_k_vocab,
-        )
-
     @torch.no_grad()
-    def _reference_heads(self, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs) -> list[RefHead]:
+    def _reference_heads(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, **forward_kwargs
+    ) -> list[RefHead]:
         """One reference forward through TRL's fused forward, keeping only its head's inputs."""
         capture = ReferenceCapture()
-        forward = super()._get_per_token_logps_and_entropies
         with replace_head_kernel(capture):
             if self.ref_model is not None:
-                forward(self.ref_model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
+                self._get_per_token_logps_and_entropies(
+                    self.ref_model, input_ids, attention_mask, logits_to_keep, **forward_kwargs
+                )
             else:  # PEFT: the reference is the base model (or the initial adapter named "ref"), as in TRL
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    forward(self.model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs)
+                    self._get_per_token_logps_and_entropies(
+                        self.model, input_ids, attention_mask, logits_to_keep, **forward_kwargs
+                    )
         return capture.heads
 
     # ---- per-token KL terms ----
 
-    def _sampled_token_terms(self, logps: torch.Tensor, inputs: dict) -> KLTerms:
-        kl = sampled_token_kl(logps, inputs["ref_per_token_logps"], self.args.kl_estimator)
-        if self.args.kl_estimator == "k3" and self.args.use_bias_correction_kl:
-            kl = kl * self._trl_importance_weights(logps, inputs)
-        return KLTerms(kl)
-
-    def _trl_importance_weights(self, logps: torch.Tensor, inputs: dict) -> torch.Tensor:
-        """TRL's differentiable `coef_1` = π_θ/π_old, token- or sequence-level, which its
-        `use_bias_correction_kl` multiplies into k3."""
-        old = inputs.get("old_per_token_logps")
-        log_ratio = logps - (logps.detach() if old is None else old)
-        if self.importance_sampling_level == "sequence":
-            mask = inputs["completion_mask"]
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        return torch.exp(log_ratio)
-
-    def _head_terms(
-        self,
-        head: TIKEHead,
-        logps: torch.Tensor,
-        inputs: dict,
-        attention_mask: torch.Tensor,
-        logits_to_keep: int,
-        batch_size: int | None,
-    ) -> KLTerms:
-        step = batch_size or attention_mask.shape[0]
-        masks = attention_mask.split(step)
-        if len(head.results) != len(masks):
-            raise RuntimeError(f"{len(head.results)} policy head calls for {len(masks)} batch chunks.")
-
-        def laid_out(pick) -> torch.Tensor:
-            return torch.cat([rows_to_completion(pick(r), m, logits_to_keep) for r, m in zip(head.results, masks)])
-
-        exact = laid_out(lambda r: r[0].exact_kl) if head.exact_kl else None
-        if not head.top_k:
-            return KLTerms(exact)
-        topk_logps = laid_out(lambda r: r[0].topk_logprobs)
-        topk_ids = laid_out(lambda r: r[0].topk_indices)
-        ref_logps = laid_out(lambda r: r[1])
-        top_args = (
-            topk_logps,
-            ref_logps[..., :-1],
-            logps,
-            ref_logps[..., -1],
-            (topk_ids == inputs["completion_ids"].unsqueeze(-1)).any(-1),
+    def _kl_terms(self, forward: PolicyForward, inputs: dict) -> KLTerms:
+        """The chosen estimator's per-token KL from what the policy forward recorded."""
+        estimator = self.args.kl_estimator
+        if estimator in SAMPLED_TOKEN_ESTIMATORS:
+            kl = sampled_token_kl(forward.logps, inputs["ref_per_token_logps"], estimator)
+            if estimator == "k3" and self.args.use_bias_correction_kl:
+                ratio_mask = inputs["completion_mask"]
+                kl = kl * trl_ratio(
+                    forward.logps, inputs.get("old_per_token_logps"), ratio_mask, self.importance_sampling_level
+                )
+            return KLTerms(kl)
+        if forward.topk_logprobs is None:  # rb, not an exact-KL logging step
+            return KLTerms(forward.exact_kl)
+        logps = TopKLogProbs(
+            policy=forward.topk_logprobs,
+            ref=forward.ref_topk_logprobs,
+            policy_sampled=forward.logps,
+            ref_sampled=forward.ref_logprob,
+            sampled_in_topk=(forward.topk_indices == inputs["completion_ids"].unsqueeze(-1)).any(-1),
         )
-        if self.args.kl_estimator == "rb":
-            kl = exact
+        if estimator == "rb":
+            kl = forward.exact_kl
         else:
             old = inputs.get("old_per_token_logps") if self.args.tike_importance_weight else None
-            ratio = importance_ratio(logps, old, self.args.tike_is_clip, self.args.tike_is_clip_mode)
-            kl = truncated_kl(*top_args, ratio, self.args.tike_tail)
-        terms = KLTerms(kl, topk_logps.detach().exp().sum(-1))
-        if exact is not None:  # an exact-KL logging step: the residual beyond the plain top-k sum (Eq. 10-12)
-            with torch.no_grad():
-                top_sum = truncated_kl(*top_args, torch.ones_like(logps), "drop")
-            terms.exact, terms.tail_residual = exact.detach(), (exact - top_sum).detach()
+            ratio = importance_ratio(forward.logps, old, self.args.tike_is_clip, self.args.tike_is_clip_mode)
+            kl = truncated_kl(logps, ratio, self.args.tike_tail)
+        terms = KLTerms(kl, topk_mass=logps.topk_mass())
+        if forward.exact_kl is not None:  # an exact-KL logging step: the residual beyond the top-k sum (Eq. 10-12)
+            terms.exact = forward.exact_kl.detach()
+            terms.tail_residual = (forward.exact_kl - logps.topk_sum()).detach()
         return terms
+
+    def _log_kl_metrics(self, terms: KLTerms, mask: torch.Tensor, mode: str) -> None:
+        self._metrics[mode]["kl"].append(self._global_masked_mean(terms.kl, mask))
+        for name in ("topk_mass", "exact", "tail_residual"):
+            if getattr(terms, name) is not None:
+                self._metrics[mode][f"kl/{name}"].append(self._global_masked_mean(getattr(terms, name), mask))
 
     # ---- TRL's loss aggregation and metric reduction ----
 

@@ -9,7 +9,7 @@ log-probs), g_H (entropy) and g_D (exact KL), the logits gradient of a row is
 
 TRL's backward kernel already forms G·(1[j=o] − p_j) and the entropy term; passing
 G = g_o + Σ_i g_i leaves only a sparse correction at the k+1 columns S ∪ {o}, added here. The
-index choice S carries no gradient (DESIGN §2).
+index choice S carries no gradient (docs/estimators.md).
 
 With a reference head (the exact KL), TRL's divergence kernel forms g_D·p_j(ℓ_j − a) for any
 per-row a. Without an entropy gradient (TRL's GRPO logs the entropy, it does not train on it),
@@ -19,15 +19,13 @@ terms in one pass over the tile, leaving g_o at the label and g_i at S to the sp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
 
-from .topk import BLOCK, RunningTopK
+from .tiles import RefHead, Tiling, gather_columns, head_rows, project, project_exact
+from .topk import RunningTopK
 from .trl_tiles import (
-    TOKEN_CHUNK_SIZE,
-    VOCAB_CHUNK_SIZE,
     HeadSpec,
     LogSumExp,
     PairStats,
@@ -36,42 +34,7 @@ from .trl_tiles import (
     backward_pair_tile,
     compute_dtype,
     maybe_gather_lm_head_ctx,
-    project_fp32,
 )
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """Tile sizes of a pass; TRL's by default. `block` is the column block of the top-k select.
-    `pair_tokens` is the token rows of the exact-KL head's tiles, which are fp32 and come in pairs
-    (policy and reference): a quarter of TRL's rows keeps the pair at the bytes of TRL's bf16 tile."""
-
-    tokens: int = TOKEN_CHUNK_SIZE
-    vocab: int = VOCAB_CHUNK_SIZE
-    block: int = BLOCK
-    pair_tokens: int = TOKEN_CHUNK_SIZE // 4
-
-    def rows(self, n: int) -> Iterator[slice]:
-        for start in range(0, n, self.tokens):
-            yield slice(start, min(start + self.tokens, n))
-
-    def columns(self, vocab: int) -> Iterator[tuple[int, int]]:
-        for start in range(0, vocab, self.vocab):
-            yield start, min(start + self.vocab, vocab)
-
-    def buffer(self, n: int, vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """One tile's storage, reused across the pass (no wider than the vocabulary)."""
-        return torch.empty((min(n, self.tokens), min(vocab, self.vocab)), device=device, dtype=dtype)
-
-
-@dataclass(frozen=True)
-class RefHead:
-    """A frozen head: hidden states [N, d_ref] aligned row by row with the policy's, its weight and bias."""
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    spec: HeadSpec = HeadSpec()
 
 
 @dataclass
@@ -138,50 +101,6 @@ def policy_head(
     return HeadOutputs(*outputs)
 
 
-def head_rows(weight: torch.Tensor) -> int:
-    """Vocabulary rows of a head weight, also while ZeRO-3 holds it partitioned (gathered later, in the tiles)."""
-    return getattr(weight, "ds_shape", weight.shape)[0]
-
-
-# A -inf bias (a masked, never-sampled head row) becomes this raw logit: exp() of it is exactly 0
-# in fp32, as for -inf, but 0·logit stays 0 where TRL's folds would form 0·(-inf) = NaN.
-MASKED_LOGIT = -1.0e4
-
-
-def add_bias(tile: torch.Tensor, bias: torch.Tensor | None, start: int, end: int) -> None:
-    if bias is not None:
-        tile.add_(bias[start:end].to(tile.dtype).clamp(min=MASKED_LOGIT))
-
-
-def _project(
-    buf: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, start: int, end: int
-) -> torch.Tensor:
-    """hidden @ weight[start:end].T (+ bias) into a view of `buf`, in `buf`'s dtype, like TRL's head."""
-    tile = buf[: hidden.shape[0], : end - start]
-    torch.mm(hidden, weight[start:end].to(buf.dtype).t(), out=tile)
-    add_bias(tile, bias, start, end)
-    return tile
-
-
-def _project_fp32(
-    tile: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    start: int,
-    end: int,
-    dtype: torch.dtype,
-) -> None:
-    """The same into an fp32 tile without rounding the product to `dtype` (TRL's divergence projection)."""
-    project_fp32(tile, hidden, weight, None, start, end, dtype)
-    add_bias(tile, bias, start, end)
-
-
-def _label_targets(targets: torch.Tensor, rows: slice, vocab_start: int, tile: torch.Tensor):
-    local = targets[rows] - vocab_start
-    return local, (local >= 0) & (local < tile.shape[1])
-
-
 class _SparseGrad:
     """The part of a logits gradient a dense kernel does not form: weights w at a few vocabulary
     columns per row (the label, the top-k), added as w·dz/dy. dz/dy is gathered from the raw
@@ -196,10 +115,8 @@ class _SparseGrad:
         weights: torch.Tensor,
         spec: HeadSpec,
     ) -> None:
-        local = columns[rows] - vocab_start
-        in_tile = (local >= 0) & (local < tile.shape[1])
-        self.columns = local.clamp(0, tile.shape[1] - 1)
-        self.values = torch.where(in_tile, weights[rows], 0.0) * spec.dlogit_draw(tile.gather(1, self.columns))
+        raw, in_tile, self.columns = gather_columns(tile, columns[rows], vocab_start)
+        self.values = torch.where(in_tile, weights[rows], 0.0) * spec.dlogit_draw(raw)
 
     def add_to(self, grad_tile: torch.Tensor) -> None:
         grad_tile.scatter_add_(1, self.columns, self.values.to(grad_tile.dtype))
@@ -295,7 +212,7 @@ class _TopKHead(torch.autograd.Function):
             for rows in tiling.rows(n):
                 h = hidden[rows].to(dtype)
                 for start, end in tiling.columns(weight.shape[0]):
-                    tile = _project(buf, h, weight, bias, start, end)
+                    tile = project(buf, h, weight, bias, start, end)
                     lse.fold(tile, rows, targets[rows], start, spec, entropy=True)
                     if top_k:
                         top.merge(tile, rows, start, tiling.block)
@@ -323,7 +240,7 @@ class _TopKHead(torch.autograd.Function):
             for rows in tiling.rows(hidden.shape[0]):
                 h = hidden[rows].to(dtype)
                 for start, end in tiling.columns(weight.shape[0]):
-                    tile = _project(buf, h, weight, bias, start, end)
+                    tile = project(buf, h, weight, bias, start, end)
                     sparse = None if terms is None else _SparseGrad(tile, rows, start, *terms, spec)
                     backward_logprob_tile(
                         tile,
@@ -371,13 +288,12 @@ class _ExactKLHead(torch.autograd.Function):
             for rows in tiling.rows(n):
                 h, h_ref = hidden[rows].to(dtype), ref_hidden[rows].to(ref_dtype)
                 for start, end in tiling.columns(weight.shape[0]):
-                    s_tile, t_tile = s_buf[: h.shape[0], : end - start], t_buf[: h.shape[0], : end - start]
-                    _project_fp32(s_tile, h, weight, bias, start, end, dtype)
-                    _project_fp32(t_tile, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
+                    s_tile = project_exact(s_buf, h, weight, bias, start, end, dtype)
+                    t_tile = project_exact(t_buf, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
                     stats.fold(s_tile, t_tile, rows, spec, ref_spec)
-                    local, in_tile = _label_targets(targets, rows, start, s_tile)
-                    label = spec.transform(s_tile.gather(1, local.clamp(0, end - start - 1).unsqueeze(1)).squeeze(1))
-                    stats.policy.target_logit[rows] = torch.where(in_tile, label, stats.policy.target_logit[rows])
+                    raw, in_tile, _ = gather_columns(s_tile, targets[rows].unsqueeze(1), start)
+                    label = torch.where(in_tile, spec.transform(raw), stats.policy.target_logit[rows].unsqueeze(1))
+                    stats.policy.target_logit[rows] = label.squeeze(1)
                     if top_k:
                         top.merge(s_tile, rows, start, tiling.block)
         log_z, ref_log_z = stats.policy.log_z(), stats.ref.log_z()
@@ -417,16 +333,14 @@ class _ExactKLHead(torch.autograd.Function):
             for rows in tiling.rows(n):
                 h, h_ref = hidden[rows].to(dtype), ref_hidden[rows].to(ref_dtype)
                 for start, end in tiling.columns(weight.shape[0]):
-                    s_tile = s_buf[: h.shape[0], : end - start]
-                    _project_fp32(s_tile, h, weight, bias, start, end, dtype)
+                    s_tile = project_exact(s_buf, h, weight, bias, start, end, dtype)
                     sparse = None if terms is None else _SparseGrad(s_tile, rows, start, *terms, spec)
                     logprob_tile = s_tile
                     if two_kernels:
                         logprob_tile = c_buf[: h.shape[0], : end - start]
                         logprob_tile.copy_(s_tile)
                     if grad_kl is not None:
-                        t_tile = t_buf[: h.shape[0], : end - start]
-                        _project_fp32(t_tile, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
+                        t_tile = project_exact(t_buf, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
                         backward_pair_tile(
                             s_tile,
                             t_tile,

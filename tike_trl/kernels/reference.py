@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .policy import Tiling, _project
+from .tiles import Tiling, gather_columns, project
 from .trl_tiles import HeadSpec, LogSumExp, compute_dtype, maybe_gather_lm_head_ctx
 
 
@@ -32,11 +32,9 @@ def reference_logprobs(
         for rows in tiling.rows(n):
             h = hidden[rows].to(dtype)
             for start, end in tiling.columns(weight.shape[0]):
-                tile = _project(buf, h, weight, bias, start, end)
+                tile = project(buf, h, weight, bias, start, end)
                 # TRL's Triton fold reads one contiguous target per row (its label logit is unused here)
                 lse.fold(tile, rows, indices[rows, 0].contiguous(), start, spec, entropy=False)
-                local = indices[rows] - start
-                in_tile = (local >= 0) & (local < end - start)
-                values = tile.gather(1, local.clamp(0, end - start - 1)).float()
-                raw[rows] = torch.where(in_tile, values, raw[rows])
+                values, in_tile, _ = gather_columns(tile, indices[rows], start)
+                raw[rows] = torch.where(in_tile, values.float(), raw[rows])
     return spec.transform(raw) - lse.log_z().unsqueeze(1)

@@ -36,18 +36,18 @@ def tile_topk(tile: torch.Tensor, k: int, block: int = BLOCK) -> tuple[torch.Ten
 
 class RunningTopK:
     """The top-k (raw projection value, vocabulary index) pairs of N rows seen so far, among the
-    first `vocab_limit` columns (a padded head's extra rows are never chosen)."""
+    first `top_k_vocab` columns (a padded head's extra rows are never chosen)."""
 
-    def __init__(self, n: int, k: int, device: torch.device, vocab_limit: int | None = None) -> None:
-        self.k, self.vocab_limit = k, vocab_limit
+    def __init__(self, n: int, k: int, device: torch.device, top_k_vocab: int | None = None) -> None:
+        self.k, self.top_k_vocab = k, top_k_vocab
         self.values = torch.full((n, k), float("-inf"), device=device, dtype=torch.float32)
         self.indices = torch.zeros((n, k), device=device, dtype=torch.long)
 
     def merge(self, tile: torch.Tensor, rows: slice, vocab_start: int, block: int = BLOCK) -> None:
-        if self.vocab_limit is not None:
-            if vocab_start >= self.vocab_limit:
+        if self.top_k_vocab is not None:
+            if vocab_start >= self.top_k_vocab:
                 return
-            tile = tile[:, : self.vocab_limit - vocab_start]
+            tile = tile[:, : self.top_k_vocab - vocab_start]
         k = min(self.k, tile.shape[1])
         values, columns = tile_topk(tile, k, block)
         all_values = torch.cat([self.values[rows], values.float()], dim=1)
