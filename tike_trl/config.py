@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
-from .estimators import CLIP_MODES, ESTIMATORS, HEAD_ESTIMATORS, TAILS, check_choice, check_top_k
+from .estimators import (
+    CLIP_MODES,
+    ESTIMATORS,
+    HEAD_ESTIMATORS,
+    SAMPLED_TOKEN_ESTIMATORS,
+    TAILS,
+    check_choice,
+    check_top_k,
+)
 
 
 def check_exact_kl_logging(steps: object, kl_estimator: str, beta: float) -> None:
@@ -21,6 +29,41 @@ def check_exact_kl_logging(steps: object, kl_estimator: str, beta: float) -> Non
         )
     if steps and beta == 0.0:
         raise ValueError("log_exact_kl_steps needs the KL term (beta > 0): with beta=0.0 there is no reference model.")
+
+
+# generation settings that make tokens come from a processed distribution, and their neutral values
+_SAMPLER_PROCESSING = {
+    "top_p": (1.0, None),
+    "top_k": (0, -1, None),
+    "min_p": (0.0, None),
+    "repetition_penalty": (1.0, None),
+}
+
+
+def warn_if_not_sampling_the_policy(config: TIKEConfig) -> None:
+    """Warn once, naming the setting, when generation does not draw o_t from π_old at the sampling
+    temperature: the sampled-token estimators and TIKE's `sampled`/`mc` tails assume it, and no
+    importance weight restores tokens that a truncated sampler never draws."""
+    uses_sampled_token = config.kl_estimator in SAMPLED_TOKEN_ESTIMATORS or (
+        config.kl_estimator == "tike" and config.tike_tail != "drop"
+    )
+    if config.beta == 0.0 or not uses_sampled_token:
+        return
+    settings = {name: getattr(config, name) for name in _SAMPLER_PROCESSING}
+    settings.update({k: v for k, v in (config.generation_kwargs or {}).items() if k in _SAMPLER_PROCESSING})
+    changed = [f"{name}={value!r}" for name, value in settings.items() if value not in _SAMPLER_PROCESSING[name]]
+    if changed:
+        what = f"kl_estimator={config.kl_estimator!r}" + (
+            f" with tike_tail={config.tike_tail!r}" if config.kl_estimator == "tike" else ""
+        )
+        warnings.warn(
+            f"{', '.join(changed)}: completions are sampled from a processed distribution, not from the policy at "
+            f"temperature={config.temperature}, which {what} assumes of the sampled token; its KL estimate and "
+            "gradient are biased. Use tike_tail='drop' or kl_estimator='rb', which do not read the sampled token, or "
+            "sample without these settings.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _has_accelerator() -> bool:
@@ -48,15 +91,24 @@ class TIKEConfig(GRPOConfig):
             (paper §4.3), `"drop"` ignores the tail (paper Eq. 6), `"mc"` adds an importance-
             weighted estimate of the tail from the sampled token (unbiased in value and gradient).
         tike_importance_weight (`bool`, defaults to `True`):
-            Multiply by the stop-gradient ratio π_θ(o_t)/π_old(o_t) (paper Eq. 5-6; for `"mc"`,
-            the tail term's weight).
+            Multiply by the stop-gradient ratio π_θ(o_t)/π_b(o_t) (paper Eq. 5-6; for `"mc"`,
+            the tail term's weight), π_b being the distribution the token was drawn from (see
+            `tike_sampler_logprobs`).
+        tike_sampler_logprobs (`bool`, defaults to `True`):
+            Where the batch carries the generator's own log-probs of the sampled tokens (vLLM, or a
+            `rollout_func` that returns `logprobs`), divide by those: the tokens were drawn from
+            the sampler, not from the trainer's π_old, and the two differ (other kernels, other
+            numerics). `False` always divides by π_old (TRL's `old_per_token_logps`, or the
+            current policy when TRL skips them). Tokens whose sampler log-prob is NaN fall back to
+            π_old.
         tike_is_clip (`float` or `None`, defaults to `3.0`):
             Upper bound on that ratio, so a stale or mismatched rollout cannot blow the loss up
             (TRL bounds its vLLM ratios at 3.0 too). `None` leaves it unbounded, as in the paper.
             With `num_iterations=1` the ratio is exactly 1 and the bound never acts.
         tike_is_clip_mode (`str`, defaults to `"truncate"`):
-            `"truncate"` caps the ratio at `tike_is_clip`; `"mask"` drops the KL term of a token
-            whose ratio exceeds it.
+            `"truncate"` caps the ratio at `tike_is_clip`; `"mask"` sets it to 0 where it exceeds the
+            bound, which drops what the ratio weights: the token's whole KL term for the `"sampled"`
+            and `"drop"` tails, the tail estimate for `"mc"` (its top-k sum needs no weight).
         log_exact_kl_steps (`int`, defaults to `0`):
             Every this many optimizer steps, also log `kl/exact` (the exact per-token KL over the
             full vocabulary) and `kl/tail_residual` (exact KL minus the top-`tike_top_k` sum, paper
@@ -87,7 +139,17 @@ class TIKEConfig(GRPOConfig):
     )
     tike_importance_weight: bool = field(
         default=True,
-        metadata={"help": "Weight TIKE by the stop-gradient ratio π_θ(o_t)/π_old(o_t) (paper Eq. 5-6)."},
+        metadata={
+            "help": "Weight TIKE by the stop-gradient ratio π_θ(o_t)/π_b(o_t) (paper Eq. 5-6), π_b the distribution "
+            "the token was drawn from (see tike_sampler_logprobs)."
+        },
+    )
+    tike_sampler_logprobs: bool = field(
+        default=True,
+        metadata={
+            "help": "Divide TIKE's importance weight by the generator's own log-probs of the sampled tokens where the "
+            "batch carries them (vLLM, a rollout_func returning logprobs); False: always by π_old."
+        },
     )
     tike_is_clip: float | None = field(
         default=3.0,
@@ -99,8 +161,8 @@ class TIKEConfig(GRPOConfig):
     tike_is_clip_mode: str = field(
         default="truncate",
         metadata={
-            "help": "'truncate' caps the ratio at tike_is_clip; 'mask' drops the KL term of a token whose "
-            "ratio exceeds it.",
+            "help": "'truncate' caps the ratio at tike_is_clip; 'mask' sets it to 0 above the bound, dropping what it "
+            "weights: the token's whole KL term (sampled, drop tails) or the tail estimate (mc).",
             "choices": list(CLIP_MODES),
         },
     )
@@ -127,6 +189,7 @@ class TIKEConfig(GRPOConfig):
         if self.bf16 is None and not self.fp16 and not _has_accelerator():
             self.bf16 = False  # TRL would default to bf16 and fail on a CPU-only machine
         super().__post_init__()
+        warn_if_not_sampling_the_policy(self)
         if self.beta == 0.0:
             warnings.warn(
                 f"beta=0.0 switches the KL term off: kl_estimator={self.kl_estimator!r} has no effect and no "

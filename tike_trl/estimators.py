@@ -154,23 +154,38 @@ def truncated_kl(logps: TopKLogProbs, ratio: torch.Tensor, tail: str) -> torch.T
     - ``mc``: value Σ_{v∈S} p_v ℓ_v + 1[o∉S]·sg(r)·ℓ_o, an unbiased estimate of the exact KL;
       gradient of the surrogate Σ_{v∈S} sg(p_v ℓ_v) log p_v + 1[o∉S]·sg(r ℓ_o) log p_o, whose
       expectation is the exact ∇D (differentiating the truncated sum would add ∇(top-k mass)).
+
+    The ratio weights what depends on the sampled token: the whole sum for ``drop`` and
+    ``sampled``, the tail estimate only for ``mc``. A ratio of 0 (a masked token) drops what it
+    weights. Where p > 0 and q = 0 the value is +inf, and those terms contribute no gradient.
     """
     check_choice("tike_tail", tail, TAILS)
     head = logps.topk_sum()
-    outside = (~logps.sampled_in_topk).to(head.dtype)
+    outside = ~logps.sampled_in_topk
     if tail == "drop":
-        return ratio * head
+        return _weighted(ratio, head)
     if tail == "sampled":
-        return ratio * (head + outside * p_log_ratio(logps.policy_sampled, logps.ref_sampled))
+        sampled_term = p_log_ratio(logps.policy_sampled, logps.ref_sampled)
+        return _weighted(ratio, head + torch.where(outside, sampled_term, torch.zeros_like(sampled_term)))
     # the sampled token counts only outside S, and only where p(o) > 0 (else its term is 0·ℓ = 0)
     logp_o = logps.policy_sampled
-    use_o = (~logps.sampled_in_topk) & (logp_o > float("-inf"))
-    tail_term = ratio * torch.where(use_o, logp_o - logps.ref_sampled, torch.zeros_like(logp_o))
+    use_o = outside & (logp_o > float("-inf"))
+    tail_term = _weighted(ratio, torch.where(use_o, logp_o - logps.ref_sampled, torch.zeros_like(logp_o)))
     value = head + tail_term
     finite_logp_s = logps.policy.clamp(min=torch.finfo(logps.policy.dtype).min)
-    surrogate = (p_log_ratio(logps.policy, logps.ref).detach() * finite_logp_s).sum(-1)
-    surrogate = surrogate + tail_term.detach() * torch.where(use_o, logp_o, torch.zeros_like(logp_o))
+    surrogate = (_finite(p_log_ratio(logps.policy, logps.ref).detach()) * finite_logp_s).sum(-1)
+    surrogate = surrogate + _finite(tail_term.detach()) * torch.where(use_o, logp_o, torch.zeros_like(logp_o))
     return value.detach() + surrogate - surrogate.detach()
+
+
+def _weighted(ratio: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """ratio·value, exactly 0 where the ratio is 0 (also where the value is infinite)."""
+    return torch.where(ratio == 0, torch.zeros_like(value), ratio * value)
+
+
+def _finite(coefficient: torch.Tensor) -> torch.Tensor:
+    """A surrogate's stop-gradient coefficient, 0 where it is infinite (q = 0: no usable gradient)."""
+    return torch.where(torch.isfinite(coefficient), coefficient, torch.zeros_like(coefficient))
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

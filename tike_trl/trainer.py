@@ -26,6 +26,8 @@ from .estimators import (
 from .fused_head import LogProbRecorder, PolicyForward, ReferenceCapture, TIKEHead, replace_head_kernel
 from .kernels import RefHead, head_rows
 
+# TRL's loss types whose loss is normalised by the generation batch's `num_items_in_batch`
+NUM_ITEMS_LOSS_TYPES = ("cispo", "dapo", "vespo")
 # the model inputs besides the token ids that TRL's `_compute_loss` hands its policy forward
 # (multimodal batches); the reference forward gets the same (tests/test_trl_seams.py checks the list)
 FORWARD_KEYS = (
@@ -144,17 +146,19 @@ class TIKEGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
         if self.beta == 0.0:
             return super()._compute_loss(model, inputs)
+        mode = "train" if self.model.training else "eval"
         # TRL's loss makes one policy forward; the capture stands in for TRL's head kernel in it
         capture = self._policy_capture(inputs)
+        policy_losses = len(self._metrics[mode].get("policy_loss", ()))
         with replace_head_kernel(capture), self._trl_kl_term_off():
             loss = super()._compute_loss(model, inputs)
+        policy_loss_logged = len(self._metrics[mode].get("policy_loss", ())) > policy_losses
         forward = PolicyForward.laid_out(capture.rows, _attention_mask(inputs), inputs["completion_ids"].size(1))
         terms = self._kl_terms(forward, inputs)
         mask = _loss_mask(inputs)
-        mode = "train" if self.model.training else "eval"
-        loss = loss + self.beta * self._aggregate_like_trl(terms.kl, mask, inputs, mode)
-        self._log_kl_metrics(terms, mask, mode)
-        return loss
+        kl_loss = self.beta * self._aggregate_like_trl(terms.kl, mask, inputs, mode)
+        self._log_kl_metrics(terms, mask, mode, kl_loss, policy_loss_logged)
+        return loss + kl_loss
 
     # ---- the loss's policy forward ----
 
@@ -216,10 +220,8 @@ class TIKEGRPOTrainer(GRPOTrainer):
         if estimator in SAMPLED_TOKEN_ESTIMATORS:
             kl = sampled_token_kl(forward.logps, inputs["ref_per_token_logps"], estimator)
             if estimator == "k3" and self.args.use_bias_correction_kl:
-                ratio_mask = inputs["completion_mask"]
-                kl = kl * trl_ratio(
-                    forward.logps, inputs.get("old_per_token_logps"), ratio_mask, self.importance_sampling_level
-                )
+                old = inputs.get("old_per_token_logps")
+                kl = kl * trl_ratio(forward.logps, old, _loss_mask(inputs), self.importance_sampling_level)
             return KLTerms(kl)
         if forward.topk_logprobs is None:  # rb, not an exact-KL logging step
             return KLTerms(forward.exact_kl)
@@ -233,8 +235,8 @@ class TIKEGRPOTrainer(GRPOTrainer):
         if estimator == "rb":
             kl = forward.exact_kl
         else:
-            old = inputs.get("old_per_token_logps") if self.args.tike_importance_weight else None
-            ratio = importance_ratio(forward.logps, old, self.args.tike_is_clip, self.args.tike_is_clip_mode)
+            behavior = self._behavior_logprobs(forward.logps, inputs) if self.args.tike_importance_weight else None
+            ratio = importance_ratio(forward.logps, behavior, self.args.tike_is_clip, self.args.tike_is_clip_mode)
             kl = truncated_kl(logps, ratio, self.args.tike_tail)
         terms = KLTerms(kl, topk_mass=logps.topk_mass())
         if forward.exact_kl is not None:  # an exact-KL logging step: the residual beyond the top-k sum (Eq. 10-12)
@@ -242,11 +244,32 @@ class TIKEGRPOTrainer(GRPOTrainer):
             terms.tail_residual = (forward.exact_kl - logps.topk_sum()).detach()
         return terms
 
-    def _log_kl_metrics(self, terms: KLTerms, mask: torch.Tensor, mode: str) -> None:
+    def _behavior_logprobs(self, logps: torch.Tensor, inputs: dict) -> torch.Tensor | None:
+        """log π_b(o): the log-probs of the distribution the sampled tokens were drawn from, the
+        denominator of TIKE's importance weight. The sampler's own (vLLM, a rollout_func's
+        `logprobs`) where the batch carries them and `tike_sampler_logprobs`, else π_old's (None:
+        the current policy, when TRL skips them because the batch is on-policy)."""
+        old = inputs.get("old_per_token_logps")
+        sampler = inputs.get("sampling_per_token_logps") if self.args.tike_sampler_logprobs else None
+        if sampler is None:
+            return old
+        return torch.where(torch.isnan(sampler), logps.detach() if old is None else old, sampler)
+
+    def _log_kl_metrics(
+        self, terms: KLTerms, mask: torch.Tensor, mode: str, kl_loss: torch.Tensor, policy_loss_logged: bool
+    ) -> None:
+        """`kl` (and TIKE's diagnostics) as TRL reduces its metrics; and where TRL logged its
+        `policy_loss` (with an entropy bonus), the KL term it holds there when TRL adds the KL itself."""
         self._metrics[mode]["kl"].append(self._global_masked_mean(terms.kl, mask))
         for name in ("topk_mass", "exact", "tail_residual"):
             if getattr(terms, name) is not None:
                 self._metrics[mode][f"kl/{name}"].append(self._global_masked_mean(getattr(terms, name), mask))
+        if policy_loss_logged:
+            # TRL's `policy_loss` is its loss before the accumulation scaling, except for the loss
+            # types normalised by `num_items_in_batch`, whose normaliser includes it
+            scaled = mode == "train" and self.loss_type not in NUM_ITEMS_LOSS_TYPES
+            term = kl_loss.detach() * (self.current_gradient_accumulation_steps if scaled else 1.0)
+            self._metrics[mode]["policy_loss"][-1] += self.accelerator.gather(term).nanmean().item()
 
     # ---- TRL's loss aggregation and metric reduction ----
 
@@ -266,7 +289,7 @@ class TIKEGRPOTrainer(GRPOTrainer):
             return masked.sum() / (per_token.size(0) * self.max_completion_length) / accumulation
         if self.loss_type == "luspo":
             return masked.sum(-1).mean() / accumulation
-        if self.loss_type in ("cispo", "dapo", "vespo"):
+        if self.loss_type in NUM_ITEMS_LOSS_TYPES:
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation

@@ -259,8 +259,11 @@ class _TopKHead(torch.autograd.Function):
 
 
 class _ExactKLHead(torch.autograd.Function):
-    """`_TopKHead`'s outputs plus the exact KL(π_θ‖π_ref), folding a policy tile and a reference
-    tile over the same columns (fp32 tiles, as TRL's chunked divergence)."""
+    """`_TopKHead`'s outputs plus the exact KL(π_θ‖π_ref). The label log-prob, entropy and top-k
+    come from the policy's tile in the compute dtype, exactly as TRL's head computes them (so TRL's
+    importance ratio is 1 on-policy, whatever the estimator); the KL folds an fp32 policy tile and
+    an fp32 reference tile over the same columns (TRL's chunked-divergence projection), so bf16
+    rounding of each logit does not swamp it. In fp32 the two policy tiles are one."""
 
     @staticmethod
     def forward(
@@ -281,31 +284,49 @@ class _ExactKLHead(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n, device = hidden.shape[0], hidden.device
         dtype, ref_dtype = compute_dtype(hidden), compute_dtype(ref_hidden)
-        stats = PairStats(n, device)
+        lse = LogSumExp(n, device)  # the policy's tile in the compute dtype, as TRL's head: label, entropy
+        stats = PairStats(n, device)  # both heads' tiles in fp32: the exact KL
         top = RunningTopK(n, top_k, device, top_k_vocab)
+        # in fp32 the compute-dtype tile is already the fp32 product
+        exact_products = dtype != torch.float32
         with maybe_gather_lm_head_ctx(weight, bias, ref_weight, ref_bias):
-            s_buf, t_buf = (tiling.buffer(n, weight.shape[0], device, torch.float32) for _ in range(2))
+            c_buf = tiling.buffer(n, weight.shape[0], device, dtype)
+            s_buf = tiling.buffer(n, weight.shape[0], device, torch.float32) if exact_products else None
+            t_buf = tiling.buffer(n, weight.shape[0], device, torch.float32)
             for rows in tiling.rows(n):
                 h, h_ref = hidden[rows].to(dtype), ref_hidden[rows].to(ref_dtype)
                 for start, end in tiling.columns(weight.shape[0]):
-                    s_tile = project_exact(s_buf, h, weight, bias, start, end, dtype)
+                    tile = project(c_buf, h, weight, bias, start, end)
+                    lse.fold(tile, rows, targets[rows], start, spec, entropy=True)
+                    if top_k:
+                        top.merge(tile, rows, start, tiling.block)
+                    s_tile = project_exact(s_buf, h, weight, bias, start, end, dtype) if exact_products else tile
                     t_tile = project_exact(t_buf, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
                     stats.fold(s_tile, t_tile, rows, spec, ref_spec)
-                    raw, in_tile, _ = gather_columns(s_tile, targets[rows].unsqueeze(1), start)
-                    label = torch.where(in_tile, spec.transform(raw), stats.policy.target_logit[rows].unsqueeze(1))
-                    stats.policy.target_logit[rows] = label.squeeze(1)
-                    if top_k:
-                        top.merge(s_tile, rows, start, tiling.block)
-        log_z, ref_log_z = stats.policy.log_z(), stats.ref.log_z()
-        entropy = stats.policy.entropy(log_z)
-        kl = stats.exact_kl(log_z, ref_log_z)
+        log_z = lse.log_z()
+        entropy = lse.entropy(log_z)
+        # the fp32 statistics the KL and the backward (which recomputes fp32 tiles) use
+        exact_log_z, ref_log_z = stats.policy.log_z(), stats.ref.log_z()
+        exact_entropy = stats.policy.entropy(exact_log_z)
+        kl = stats.exact_kl(exact_log_z, ref_log_z)
         topk_logprobs = spec.transform(top.values) - log_z.unsqueeze(1)
         ctx.save_for_backward(
-            hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, log_z, entropy, ref_log_z, kl, top.indices
+            hidden,
+            weight,
+            bias,
+            targets,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            exact_log_z,
+            exact_entropy,
+            ref_log_z,
+            kl,
+            top.indices,
         )
         ctx.specs, ctx.tiling = (spec, ref_spec), tiling
         ctx.mark_non_differentiable(top.indices, log_z)
-        return stats.policy.target_logit - log_z, entropy, topk_logprobs, top.indices, log_z, kl
+        return lse.target_logit - log_z, entropy, topk_logprobs, top.indices, log_z, kl
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy, grad_topk, _indices, _log_z, grad_kl):
