@@ -1,4 +1,4 @@
-"""The math of `tike-trl analyze` (tike_trl/diagnostics.py) on random logits and by exact
+"""The math of `tike-trl analyze` (tike_trl/analysis/diagnostics.py) on random logits and by exact
 enumeration: truncation identities, per-sequence gradients, the sequence-level gradient
 estimators, and what "rb has the smallest variance" does and does not guarantee."""
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from test_estimators_sequence import T, V, _exact_sequence_kl, _histories, _seq_logprob, _tables
 
-from tike_trl import diagnostics, kl_estimate
+from tike_trl import kl_estimate
+from tike_trl.analysis import diagnostics
 
 
 def _random_logits(n=64, vocab=50, seed=0):
