@@ -17,7 +17,9 @@ random-weight model:
     python -m benchmarks.loss_step --mode cpu     # small model, a few minutes on 2 cores
     python -m benchmarks.loss_step --mode gpu     # Qwen2.5-1.5B geometry, bf16, needs CUDA
 
-Writes `benchmarks/results/<mode>.json` and `<mode>.md`, and the plot `docs/loss_step_<mode>.png`.
+Each run writes a new pair of files, `benchmarks/results/<mode>/<UTC date>-<run name>.json` and
+`.md` (the run name is `--run-name`, by default the UTC time; an existing run is never
+overwritten), and the plot `docs/loss_step_<mode>.png`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import sys
 import tempfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -447,8 +450,16 @@ def _cpu_model() -> str:
     return platform.processor() or "CPU"
 
 
-def run(mode: Mode, out_dir: Path, plot_path: Path | None) -> dict:
-    """Run the comparison in `mode`; write `<mode>.json` and `<mode>.md` to `out_dir`."""
+def run_files(out_dir: Path, mode: str, run_name: str | None = None, now: datetime | None = None) -> tuple[Path, Path]:
+    """The JSON and markdown files of one run: `<out_dir>/<mode>/<UTC date>-<run name>.json` and `.md`,
+    the run name defaulting to the UTC time (`HHMMSSZ`), so that every run gets its own files."""
+    now = now or datetime.now(timezone.utc)
+    stem = f"{now:%Y-%m-%d}-{run_name or f'{now:%H%M%S}Z'}"
+    return out_dir / mode / f"{stem}.json", out_dir / mode / f"{stem}.md"
+
+
+def run(mode: Mode, files: tuple[Path, Path], plot_path: Path | None) -> dict:
+    """Run the comparison in `mode`; write the result to `files` (JSON, then the markdown table)."""
     device = torch.device(mode.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(mode.threads or threads)
@@ -491,9 +502,10 @@ def run(mode: Mode, out_dir: Path, plot_path: Path | None) -> dict:
         "rows": rows,
         "fits": fits,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{mode.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out_dir / f"{mode.name}.md").write_text(markdown_table(result) + "\n")
+    json_path, md_path = files
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path.write_text(markdown_table(result) + "\n")
     if plot_path is not None:
         from .plot import plot_loss_step
 
@@ -591,7 +603,18 @@ def main(argv: list[str] | None = None) -> dict:
         help="cpu: small model (minutes on 2 cores); gpu: Qwen2.5-1.5B geometry, bf16 (needs CUDA); "
         "smoke: a tiny model (seconds)",
     )
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=ROOT / "benchmarks" / "results",
+        help="results folder; a run writes <out-dir>/<mode>/<UTC date>-<run name>.json and .md "
+        "(default: benchmarks/results)",
+    )
+    parser.add_argument(
+        "--run-name",
+        help="what distinguishes this run, e.g. 'h100-idle' (default: the UTC time); "
+        "an existing run is never overwritten",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -611,9 +634,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"--mode {args.mode} needs a CUDA GPU and torch.cuda.is_available() is False here; "
             "run `python -m benchmarks.loss_step --mode cpu` on this machine."
         )
+    if args.run_name is not None and (not args.run_name or "/" in args.run_name):
+        sys.exit(f"--run-name {args.run_name!r}: give a non-empty name without '/'.")
+    files = run_files(args.out_dir, mode.name, args.run_name)
+    if any(f.exists() for f in files):
+        sys.exit(f"{files[0]} already exists: give this run another --run-name.")
     plot = ROOT / "docs" / f"loss_step_{mode.name}.png" if args.plot is None else args.plot
-    result = run(mode, args.out_dir, None if str(plot) == "none" else plot)
+    result = run(mode, files, None if str(plot) == "none" else plot)
     print(markdown_table(result))
+    print(f"wrote {files[0]} and {files[1]}")
     return result
 
 

@@ -1,7 +1,7 @@
 """Peak memory and step time against k, from a `benchmarks.loss_step` result: measured points
 only (the TIKE paper's Figure 5, drawn from measurements).
 
-    python -m benchmarks.plot benchmarks/results/cpu.json docs/loss_step_cpu.png
+    python -m benchmarks.plot benchmarks/results/cpu/<run>.json docs/loss_step_cpu.png
 """
 
 from __future__ import annotations

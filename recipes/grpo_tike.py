@@ -23,7 +23,7 @@ TaskArguments (dataset, columns, reward functions), TIKEConfig (TRL's GRPOConfig
 from trl import ModelConfig, TrlParser
 
 from tike_trl import TIKEConfig
-from tike_trl.training import TaskArguments, finish, train
+from tike_trl.scripts.grpo import TaskArguments, finish, train
 
 
 def main(task: TaskArguments, training_args: TIKEConfig, model_args: ModelConfig) -> None:

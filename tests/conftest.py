@@ -1,12 +1,7 @@
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(1, str(Path(__file__).parents[1]))  # the repository root, for `benchmarks`
-
-from tiny import save_tiny_model  # noqa: E402
+from tiny import save_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,22 @@ process, for comparisons.
     result = launch("zero3", ["--model-dir", str(model_dir), "--kl-estimator", "tike"], tmp_path)
     assert result["world_size"] == 2
 
-The CPU overrides, each found the hard way (../shared/NOTES.md has more):
-- `--mixed_precision no`: the recipes say bf16 (right on GPUs); on CPU, accelerate would then
-  autocast the forward to bf16 although the TIKEConfig says bf16=False, silently (the 1- and
-  2-process runs then differ by ~1% in KL after one step).
+How to get several processes on a CPU at all: `accelerate launch --num_processes 2 --cpu` silently
+runs ONE process. What works is a multi-GPU recipe (`--multi_gpu`, as `ddp.yaml` sets) plus
+`use_cpu` (or `ACCELERATE_USE_CPU=true`); without `use_cpu`, `--multi_gpu` on a CPU runs two
+independent single-process trainings.
+
+The CPU overrides, each found the hard way:
+- `--mixed_precision no`: the recipes say bf16 (right on GPUs; TRL's zero3.yaml sets it too, so
+  fp32 needs this flag); on CPU, accelerate would then autocast the forward to bf16 although the
+  TIKEConfig says bf16=False, silently (the 1- and 2-process runs then differ by ~1% in KL after
+  one step).
 - The script passes `use_cpu=True` to TIKEConfig (`train_tiny.py` does, without CUDA); without it a
   DDP recipe silently runs two independent 1-process trainings. Setting `ACCELERATE_USE_CPU=true`
   instead breaks DeepSpeed: ZeRO-3 partitions the models at load time, but the accelerator picks
   MULTI_CPU and never wraps them, so the first forward sees empty weights.
-- `DS_ACCELERATOR=cpu` for DeepSpeed (whose first start compiles a small C++ op, ~30 s, cached).
+- `DS_ACCELERATOR=cpu` for DeepSpeed on CPU, whose first start compiles a small C++ op once
+  (~33 s, then cached).
 - `OMP_NUM_THREADS=1`: two processes on two cores.
 """
 

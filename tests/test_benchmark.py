@@ -8,12 +8,23 @@ import json
 import math
 import statistics
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from benchmarks.loss_step import MODES, Bench, largest_fits, main, markdown_table, measure, synthetic_batch
+from benchmarks.loss_step import (
+    MODES,
+    Bench,
+    largest_fits,
+    main,
+    markdown_table,
+    measure,
+    run_files,
+    synthetic_batch,
+)
 from benchmarks.plot import plot_loss_step
 
 SMOKE = MODES["smoke"]
@@ -31,13 +42,14 @@ ROW_KEYS = {"variant", "k", "tokens", "peak_mem_bytes", "head_extra_mem_bytes", 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    result = main(["--mode", "smoke", "--out-dir", str(out), "--plot", str(out / "plot.png")])
+    result = main(["--mode", "smoke", "--out-dir", str(out), "--run-name", "test", "--plot", str(out / "plot.png")])
     return out, result
 
 
 def test_smoke_run_writes_json_table_and_plot(smoke):
     out, result = smoke
-    saved = json.loads((out / "smoke.json").read_text())
+    (json_path,) = (out / "smoke").glob("*-test.json")
+    saved = json.loads(json_path.read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert {(r["variant"], r["k"]) for r in saved["rows"]} == VARIANTS
     assert saved["repeats"] >= 5 and saved["warmup"] >= 1 and saved["gradient_checkpointing"] is True
@@ -50,7 +62,7 @@ def test_smoke_run_writes_json_table_and_plot(smoke):
         assert 0 < row["start_mem_bytes"] <= row["peak_mem_bytes"]
         assert all(math.isfinite(row[key]) for key in ("loss", "kl", "cpu_time_s", "head_time_s"))
         assert {"torch", "trl", "transformers", "tike_trl"} <= row["versions"].keys()
-    table = (out / "smoke.md").read_text()
+    table = json_path.with_suffix(".md").read_text()
     assert table.count("\n| ") == len(VARIANTS) + 2  # header, rule, one line per variant
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -71,6 +83,21 @@ def test_head_extra_memory_is_measured_against_the_headless_step(smoke):
         assert row["head_extra_mem_bytes"] == row["peak_mem_bytes"] - backbone["peak_mem_bytes"]
         if row is not backbone:
             assert row["head_extra_mem_bytes"] > 0
+
+
+def test_each_run_gets_new_files_and_none_is_overwritten(tmp_path):
+    json_path, _ = run_files(tmp_path, "smoke", "taken")
+    json_path.parent.mkdir(parents=True)
+    json_path.write_text("an earlier run")
+    with pytest.raises(SystemExit, match="already exists"):
+        main(["--mode", "smoke", "--out-dir", str(tmp_path), "--run-name", "taken"])
+    assert json_path.read_text() == "an earlier run"
+    now = datetime(2026, 11, 23, 13, 15, 42, tzinfo=timezone.utc)
+    assert run_files(Path("r"), "gpu", now=now) == (
+        Path("r/gpu/2026-11-23-131542Z.json"),
+        Path("r/gpu/2026-11-23-131542Z.md"),
+    )
+    assert run_files(Path("r"), "cpu", "h100-idle", now=now)[0] == Path("r/cpu/2026-11-23-h100-idle.json")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")

@@ -7,7 +7,6 @@ import json
 import pytest
 from datasets import Dataset
 
-from tike_trl.data import ARITHMETIC_TEMPLATE, arithmetic_dataset, as_prompt_answer, load_prompt_answer_dataset
 from tike_trl.errors import InputError
 from tike_trl.rewards import (
     REWARDS,
@@ -17,6 +16,7 @@ from tike_trl.rewards import (
     math_answer_reward,
     resolve_reward,
 )
+from tike_trl.scripts.data import ARITHMETIC_TEMPLATE, arithmetic_dataset, as_prompt_answer, load_prompt_answer_dataset
 
 
 def test_arithmetic_dataset_answers_are_right():

@@ -1,4 +1,4 @@
-"""The math of `tike-trl analyze` (tike_trl/diagnostics.py) on random logits and by exact
+"""The math of `tike-trl analyze` (tike_trl/analysis/diagnostics.py) on random logits and by exact
 enumeration: truncation identities, per-sequence gradients, the sequence-level gradient
 estimators, and what "rb has the smallest variance" does and does not guarantee."""
 
@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
-from test_estimators_sequence import T, V, _exact_sequence_kl, _histories, _seq_logprob, _tables
+from tabular import T, V, exact_sequence_kl, histories, seq_logprob, tables
 
-from tike_trl import diagnostics, kl_estimate
+from tike_trl import kl_estimate
+from tike_trl.analysis import diagnostics
 
 
 def _random_logits(n=64, vocab=50, seed=0):
@@ -96,10 +97,10 @@ def test_score_chunk_per_sequence_gradients():
 def _all_sequences(theta, ref):
     """(ids, probability, policy logits, reference logits) of every sequence of the tabular model."""
     for seq in itertools.product(range(V), repeat=T):
-        rows = _histories(seq)
+        rows = histories(seq)
         yield (
             torch.tensor(seq),
-            _seq_logprob(theta, seq).exp(),
+            seq_logprob(theta, seq).exp(),
             torch.stack([theta[t, h] for t, h in enumerate(rows)]),
             torch.stack([ref[t, h] for t, h in enumerate(rows)]),
         )
@@ -108,7 +109,7 @@ def _all_sequences(theta, ref):
 @pytest.mark.parametrize("name", diagnostics.SEQUENCE_GRADIENTS)
 def test_sequence_gradients_are_unbiased(name):
     """mc-seq and rb-seq: expected gradient = ∇ of the exact sequence KL (125 sequences enumerated)."""
-    theta, ref = _tables()
+    theta, ref = tables()
     layout = torch.ones(1, T, dtype=torch.bool)
     expected = 0
     for ids, prob, policy, reference in _all_sequences(theta, ref):
@@ -116,14 +117,14 @@ def test_sequence_gradients_are_unbiased(name):
         rb = kl_estimate(policy, reference, ids, "rb")
         surrogate = diagnostics.sequence_surrogate(name, policy, ids, layout, k1, rb.detach(), rb)
         expected = expected + prob.detach() * surrogate.sum()
-    exact = torch.autograd.grad(_exact_sequence_kl(theta, ref), theta)[0]
+    exact = torch.autograd.grad(exact_sequence_kl(theta, ref), theta)[0]
     torch.testing.assert_close(torch.autograd.grad(expected, theta)[0], exact, atol=1e-10, rtol=1e-8)
 
 
 def _sequence_moments(per_token):
     """Mean and variance over the enumerated sequences of Σ_t per_token(policy, ref, ids)."""
     values, probs = [], []
-    for ids, prob, policy, reference in _all_sequences(*_tables()):
+    for ids, prob, policy, reference in _all_sequences(*tables()):
         values.append(per_token(policy.detach(), reference, ids).sum())
         probs.append(prob.detach())
     values, probs = torch.stack(values), torch.stack(probs)

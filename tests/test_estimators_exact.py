@@ -1,4 +1,10 @@
-"""Expected value and expected gradient of every estimator, by exact enumeration (DESIGN §2).
+"""Expected value and expected gradient of every estimator, by exact enumeration.
+
+On-policy with the history fixed, each estimator's known outcome: k1 unbiased with zero expected
+gradient; k2 biased, with the gradient of KL(π_θ‖π_ref); k3 unbiased, with the gradient of the
+other direction KL(π_ref‖π_θ) (and of KL(π_θ‖π_ref) once multiplied by TRL's differentiable
+ratio); rb exact in value and gradient for every outcome; tike biased by the top-k tail with
+`tail="drop"` or `"sampled"`, unbiased in value and gradient with `tail="mc"`.
 
 One token position with a vocabulary of 8: the expectation over the sampled token o ~ π_old is
 the sum over all 8 outcomes weighted by π_old(o), so every check is deterministic. The analytic
@@ -54,7 +60,7 @@ def expectation(theta, ref, old_logits=None, differentiable_ratio=False, **kwarg
     return (old_logp.exp() * est).sum()
 
 
-# ---- on-policy, history fixed: the known outcomes of DESIGN §2, one test each ----
+# ---- on-policy, history fixed: the known outcomes above, one test each ----
 
 
 def test_k1_unbiased_value_zero_expected_gradient():

@@ -1,5 +1,5 @@
-"""Sequence level, on a tiny autoregressive model (vocabulary 5, length 3), by enumerating all
-125 sequences: the per-token estimators summed along a sampled sequence, in expectation.
+"""Sequence level, on a tiny autoregressive model (vocabulary 5, length 3; `tests/tabular.py`), by
+enumerating all 125 sequences: the per-token estimators summed along a sampled sequence, in expectation.
 
 - k1, k3, rb and tike-mc are unbiased for the sequence KL(π_θ‖π_ref).
 - Their token-level gradient with the history held fixed (what a GRPO loss differentiates) is
@@ -13,32 +13,16 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from tabular import T, V, exact_sequence_kl, histories, seq_logprob, tables
 
 from tike_trl import kl_estimate
 
-V, T = 5, 3
 TOL = dict(atol=1e-10, rtol=1e-8)
-
-
-def _tables():
-    g = torch.Generator().manual_seed(0)
-    # logits of position t given the previous token (row V is the start state)
-    theta = torch.randn(T, V + 1, V, generator=g, dtype=torch.float64).requires_grad_()
-    ref = torch.randn(T, V + 1, V, generator=g, dtype=torch.float64)
-    return theta, ref
-
-
-def _histories(seq):
-    return [V if t == 0 else seq[t - 1] for t in range(T)]
-
-
-def _seq_logprob(table, seq):
-    return sum(F.log_softmax(table[t, h], -1)[seq[t]] for t, h in enumerate(_histories(seq)))
 
 
 def _token_estimates(theta, ref, seq, **kwargs):
     """The per-token estimates along one sequence, [T], on-policy."""
-    rows = _histories(seq)
+    rows = histories(seq)
     policy = torch.stack([theta[t, h] for t, h in enumerate(rows)])
     reference = torch.stack([ref[t, h] for t, h in enumerate(rows)])
     ids = torch.tensor(seq)
@@ -46,19 +30,11 @@ def _token_estimates(theta, ref, seq, **kwargs):
     return kl_estimate(policy, reference, ids, old_logprobs=old, **kwargs)
 
 
-def _exact_sequence_kl(theta, ref):
-    total = 0
-    for seq in itertools.product(range(V), repeat=T):
-        logp = _seq_logprob(theta, seq)
-        total = total + logp.exp() * (logp - _seq_logprob(ref, seq))
-    return total
-
-
 def _expected(theta, ref, **kwargs):
     """E_y[Σ_t estimate_t] with sequence weights held fixed: the history-fixed token-level objective."""
     total = 0
     for seq in itertools.product(range(V), repeat=T):
-        weight = _seq_logprob(theta, seq).exp().detach()
+        weight = seq_logprob(theta, seq).exp().detach()
         total = total + weight * _token_estimates(theta, ref, seq, **kwargs).sum()
     return total
 
@@ -67,9 +43,9 @@ def _future_kl_score_term(theta, ref):
     """E[Σ_t ∇log π(y_t|h_t)·sg(Σ_{s>t} D_s)], as a surrogate whose gradient is that term."""
     total = 0
     for seq in itertools.product(range(V), repeat=T):
-        weight = _seq_logprob(theta, seq).exp().detach()
+        weight = seq_logprob(theta, seq).exp().detach()
         exact_per_token = _token_estimates(theta, ref, seq, estimator="rb").detach()
-        for t, h in enumerate(_histories(seq)):
+        for t, h in enumerate(histories(seq)):
             future = exact_per_token[t + 1 :].sum()
             total = total + weight * F.log_softmax(theta[t, h], -1)[seq[t]] * future
     return total
@@ -81,25 +57,25 @@ def _future_kl_score_term(theta, ref):
     ids=["k1", "k3", "rb", "tike-mc"],
 )
 def test_unbiased_for_the_sequence_kl(kwargs):
-    theta, ref = _tables()
-    torch.testing.assert_close(_expected(theta, ref, **kwargs), _exact_sequence_kl(theta, ref), **TOL)
+    theta, ref = tables()
+    torch.testing.assert_close(_expected(theta, ref, **kwargs), exact_sequence_kl(theta, ref), **TOL)
 
 
 @pytest.mark.parametrize(
     "kwargs", [dict(estimator="rb"), dict(estimator="tike", top_k=2, tail="mc")], ids=["rb", "tike-mc"]
 )
 def test_token_level_gradient_misses_exactly_the_future_kl_term(kwargs):
-    theta, ref = _tables()
+    theta, ref = tables()
     token_level = torch.autograd.grad(_expected(theta, ref, **kwargs), theta)[0]
     missing = torch.autograd.grad(_future_kl_score_term(theta, ref), theta)[0]
-    exact = torch.autograd.grad(_exact_sequence_kl(theta, ref), theta)[0]
+    exact = torch.autograd.grad(exact_sequence_kl(theta, ref), theta)[0]
     torch.testing.assert_close(token_level + missing, exact, **TOL)
     assert missing.abs().max() > 1e-2  # the term is real, not rounding
 
 
 def test_tike_drop_underestimates_the_sequence_kl_by_the_tails():
-    theta, ref = _tables()
-    exact = _exact_sequence_kl(theta, ref)
+    theta, ref = tables()
+    exact = exact_sequence_kl(theta, ref)
     drop = _expected(theta, ref, estimator="tike", top_k=2, tail="drop")
     full = _expected(theta, ref, estimator="tike", top_k=V, tail="drop", importance_weight=False)
     torch.testing.assert_close(full, exact, **TOL)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_trainer import _fixed_batch, make_trainer
+from trainers import fixed_batch, make_trainer
 
 from tike_trl import TIKEConfig, kl_estimate
 from tike_trl.estimators import exact_kl
@@ -46,7 +46,7 @@ def _perturbed_trainer(tiny_model_dir, tmp_path, inputs_source, **overrides):
 
 
 def test_exact_minus_residual_is_the_dense_top_k_sum(tiny_model_dir, tmp_path):
-    trl_trainer, inputs = _fixed_batch(tiny_model_dir, tmp_path)
+    trl_trainer, inputs = fixed_batch(tiny_model_dir, tmp_path)
     ours = _perturbed_trainer(tiny_model_dir, tmp_path, trl_trainer, log_exact_kl_steps=1, tike_tail="sampled")
     ours.compute_loss(ours.model, inputs)
     metrics = {name: values[-1] for name, values in ours._metrics["train"].items()}
@@ -72,7 +72,7 @@ def test_exact_minus_residual_is_the_dense_top_k_sum(tiny_model_dir, tmp_path):
 
 
 def test_logging_exact_kl_leaves_the_loss_unchanged(tiny_model_dir, tmp_path):
-    trl_trainer, inputs = _fixed_batch(tiny_model_dir, tmp_path)
+    trl_trainer, inputs = fixed_batch(tiny_model_dir, tmp_path)
     results = []
     for every in (0, 1):
         ours = _perturbed_trainer(tiny_model_dir, tmp_path, trl_trainer, log_exact_kl_steps=every, tike_tail="mc")

@@ -14,9 +14,9 @@ import pytest
 from trl import ModelConfig, TrlParser
 
 from tike_trl import TIKEConfig
-from tike_trl.run_log import read_metrics
-from tike_trl.train_job import FLAGS, parse_config
-from tike_trl.training import TaskArguments
+from tike_trl.scripts.grpo import TaskArguments
+from tike_trl.scripts.run_log import read_metrics
+from tike_trl.scripts.train import FLAGS, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "configs"

@@ -8,8 +8,8 @@ import os
 
 import pytest
 import torch
-from test_trainer import COMMON, make_trainer
 from tiny import WORDS, load_tokenizer, prompt_dataset, reward_length, save_tiny_model
+from trainers import COMMON, make_trainer
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tike_trl.fused_head as fused_head

@@ -11,37 +11,11 @@ import torch
 from dense_head import DenseHeadTrainer
 from peft import LoraConfig, get_peft_model
 from tiny import load_tokenizer, prompt_dataset, reward_length, save_tiny_model
+from trainers import COMMON, fixed_batch, make_trainer
 from transformers import AutoModelForCausalLM
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 
 from tike_trl import TIKEConfig, TIKEGRPOTrainer
-
-COMMON = dict(
-    per_device_train_batch_size=4,
-    num_generations=4,
-    max_completion_length=8,
-    max_steps=2,
-    learning_rate=5e-2,
-    logging_steps=1,
-    report_to="none",
-    use_cpu=True,
-    bf16=False,
-    save_strategy="no",
-    disable_tqdm=True,
-    seed=0,
-)
-
-
-def make_trainer(model_dir, tmp_path, cls=TIKEGRPOTrainer, config_cls=TIKEConfig, model=None, **overrides):
-    args = config_cls(output_dir=str(tmp_path / "out"), **{**COMMON, "beta": 0.05, **overrides})
-    model = model if model is not None else AutoModelForCausalLM.from_pretrained(model_dir)
-    return cls(
-        model=model,
-        reward_funcs=reward_length,
-        args=args,
-        train_dataset=prompt_dataset(),
-        processing_class=load_tokenizer(model_dir),
-    )
 
 
 def train_and_check(trainer, expect_topk_mass: bool = False) -> list[dict]:
@@ -138,16 +112,6 @@ def test_peft_existing_adapter_reference_is_its_initial_copy(tiny_model_dir, tmp
     assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-6) and logs[1]["kl"] > 1e-6
 
 
-def _fixed_batch(tiny_model_dir, tmp_path):
-    """One generation batch from TRL's own trainer (k3, with its reference log-probs)."""
-    torch.manual_seed(0)
-    trl_trainer = make_trainer(tiny_model_dir, tmp_path, cls=GRPOTrainer, config_cls=GRPOConfig)
-    trl_trainer.model.train()
-    batch = next(iter(trl_trainer.get_train_dataloader()))
-    torch.manual_seed(0)
-    return trl_trainer, trl_trainer._generate_and_score_completions(batch)
-
-
 def _loss_and_grads(trainer, inputs):
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
@@ -160,7 +124,7 @@ def _loss_and_grads(trainer, inputs):
 @pytest.mark.parametrize("sequence_level", [False, True])
 def test_k3_equals_trl(tiny_model_dir, tmp_path, loss_type, sequence_level):
     level = dict(importance_sampling_level="sequence" if sequence_level else "token", loss_type=loss_type)
-    trl_trainer, inputs = _fixed_batch(tiny_model_dir, tmp_path)
+    trl_trainer, inputs = fixed_batch(tiny_model_dir, tmp_path)
     trl_trainer.loss_type, trl_trainer.importance_sampling_level = loss_type, level["importance_sampling_level"]
     ours = make_trainer(tiny_model_dir, tmp_path, kl_estimator="k3", **level)
     # an off-policy batch, so TRL's ratio and its gradient matter
@@ -192,7 +156,7 @@ def test_tiled_head_equals_dense_head_tied_embeddings(tied_model_dir, tmp_path, 
     """Through the trainer, on a model whose LM head is its input embedding: our tiled head gives
     the loss and gradients of the naive head that materialises both models' log_softmax (the
     the dense `DenseHead`, built on `tike_trl.estimators`), off-policy."""
-    _, inputs = _fixed_batch(tied_model_dir, tmp_path)
+    _, inputs = fixed_batch(tied_model_dir, tmp_path)
     inputs = {
         **inputs,
         "old_per_token_logps": inputs["ref_per_token_logps"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny import save_tiny_model
 from trainers import fixed_batch, make_trainer
+from trl import GRPOConfig, GRPOTrainer
 
 # metrics that measure wall-clock time, not the computation
 WALL_CLOCK = ("step_time",)
@@ -77,17 +78,15 @@ def _tool_batch(inputs: dict) -> dict:
 
 
 def _trl_and_ours(model_dir, tmp_path, **options):
-    trl_trainer, inputs = fixed_batch(model_dir, tmp_path)
-    for name, value in options.items():  # the settings TRL reads off the trainer or its args at loss time
-        setattr(trl_trainer.args, name, value)
-        if hasattr(trl_trainer, name):
-            setattr(trl_trainer, name, value)
+    """TRL's trainer and ours (k3) with `options`, the same weights moved off the reference, and
+    an off-policy batch (so TRL's ratio and its gradient matter)."""
+    _, inputs = fixed_batch(model_dir, tmp_path)
+    trl_trainer = make_trainer(model_dir, tmp_path, cls=GRPOTrainer, config_cls=GRPOConfig, **options)
     ours = make_trainer(model_dir, tmp_path, kl_estimator="k3", **options)
     _perturb(trl_trainer, 0.05)
     with torch.no_grad():
         for p_ours, p_trl in zip(ours.model.parameters(), trl_trainer.model.parameters()):
             p_ours.copy_(p_trl)
-    # off-policy, so TRL's ratio and its gradient matter
     noise = torch.rand_like(inputs["ref_per_token_logps"], generator=torch.Generator().manual_seed(1))
     return trl_trainer, ours, {**inputs, "old_per_token_logps": inputs["ref_per_token_logps"] - 0.1 * noise}
 

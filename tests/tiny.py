@@ -75,7 +75,8 @@ def save_tiny_model(
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
-    # AutoTokenizer would come back as a tokenizer that encodes to [] (../shared/NOTES.md)
+    # AutoTokenizer reloads a saved WordLevel tokenizer as a Qwen2Tokenizer that silently encodes to [];
+    # PreTrainedTokenizerFast loads it as it was saved
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 

@@ -12,8 +12,8 @@ from .errors import InputError
 
 # subcommand -> module implementing it
 COMMANDS = {
-    "train": "tike_trl.train_job",
-    "analyze": "tike_trl.analyze",
+    "train": "tike_trl.scripts.train",
+    "analyze": "tike_trl.analysis.command",
 }
 
 

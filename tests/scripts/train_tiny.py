@@ -27,7 +27,7 @@ from tiny import load_tokenizer, prompt_dataset, reward_length  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from tike_trl import TIKEConfig, TIKEGRPOTrainer  # noqa: E402
-from tike_trl.training import finish  # noqa: E402
+from tike_trl.scripts.grpo import finish  # noqa: E402
 
 LOGGED = ("loss", "grad_norm", "kl", "kl/topk_mass", "reward")
 
@@ -167,7 +167,7 @@ if __name__ == "__main__":
     main()
     # Skip interpreter finalisation: the tests check the run, not the exit, and a gloo process group
     # reached only there can still abort a rank (SIGABRT, no Python frame), rarely, after a good run
-    # (`tike_trl.training.finish` makes it rare: docs/reliability.md has the counts).
+    # (`tike_trl.scripts.grpo.finish` makes it rare: docs/reliability.md has the counts).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -8,9 +8,9 @@ import json
 import pytest
 from tiny import WORDS, prompt_dataset, save_tiny_model
 
-from tike_trl import analyze
-from tike_trl.analysis_report import write_report
-from tike_trl.analyze import AnalysisConfig, run_analysis
+from tike_trl.analysis import sampling
+from tike_trl.analysis.command import AnalysisConfig, run_analysis
+from tike_trl.analysis.report import write_report
 from tike_trl.cli import main
 
 KS = (2, 4, 8, 16)
@@ -171,10 +171,10 @@ def test_cli_rejects_bad_input(args, message, capsys):
 def test_default_policy_is_the_trained_model_if_any(models, tmp_path, monkeypatch):
     ref, _ = models
     monkeypatch.chdir(tmp_path)
-    resolved = analyze.resolve_models(AnalysisConfig(ref=str(ref)))
-    assert resolved["policy"] == str(ref) and resolved["policy_shift"] == analyze.SHIFTED_POLICY_TEMPERATURE
+    resolved = sampling.resolve_models(AnalysisConfig(ref=str(ref)))
+    assert resolved["policy"] == str(ref) and resolved["policy_shift"] == sampling.SHIFTED_POLICY_TEMPERATURE
     assert "built-in shifted policy" in resolved["policy_name"]
     trained = save_tiny_model(tmp_path / "outputs" / "tike-train", seed=2)
-    resolved = analyze.resolve_models(AnalysisConfig(ref=str(ref)))
+    resolved = sampling.resolve_models(AnalysisConfig(ref=str(ref)))
     assert resolved["policy"] == "outputs/tike-train" and resolved["policy_shift"] == 1.0
     assert trained.exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tike_trl.cli import main
-from tike_trl.run_log import read_metrics
+from tike_trl.scripts.run_log import read_metrics
 
 STEPS = 2
 

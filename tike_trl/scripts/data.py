@@ -13,7 +13,7 @@ from pathlib import Path
 
 from datasets import Dataset, Value
 
-from .errors import InputError
+from ..errors import InputError
 
 ARITHMETIC_TEMPLATE = "What is {question}? Reply with the number only."
 

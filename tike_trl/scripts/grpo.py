@@ -3,7 +3,7 @@ the three dataclasses TRL scripts parse (script arguments, `TIKEConfig`, `ModelC
 trained model, `metrics.jsonl` and `training.png` in `output_dir` out.
 
 With no model and no dataset it trains the embedded default: SmolLM2-135M-Instruct
-(`tike_trl.models`) on arithmetic generated in code (`tike_trl.data`).
+(`tike_trl.models`) on arithmetic generated in code (`tike_trl.scripts.data`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from datasets import Dataset
 from transformers.trainer_callback import ProgressCallback
 from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
 
-from .config import TIKEConfig
+from ..config import TIKEConfig
+from ..errors import InputError
+from ..models import embedded_model_path
+from ..rewards import REWARDS, resolve_reward
+from ..trainer import TIKEGRPOTrainer
 from .data import arithmetic_dataset, load_prompt_answer_dataset
-from .errors import InputError
-from .models import embedded_model_path
-from .rewards import REWARDS, resolve_reward
 from .run_log import CompactProgress, MetricsFile, plot_training, read_metrics
-from .trainer import TIKEGRPOTrainer
 
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from .errors import InputError
-from .estimators import ESTIMATORS
-
-DEFAULT_OUTPUT_DIR = "outputs/tike-train"
+from ..errors import InputError
+from ..estimators import ESTIMATORS
+from . import DEFAULT_OUTPUT_DIR
 
 # The embedded default (also recipes/configs/smollm2_arithmetic.yaml; a test keeps them equal).
 # Sized on 2 CPU cores: 16 completions of at most 8 tokens per step, no gradient checkpointing
@@ -73,8 +72,8 @@ def parse_config(args: argparse.Namespace):
     import yaml
     from trl import ModelConfig, TrlParser
 
-    from .config import TIKEConfig
-    from .training import TaskArguments
+    from ..config import TIKEConfig
+    from .grpo import TaskArguments
 
     parser = TrlParser((TaskArguments, TIKEConfig, ModelConfig), prog="tike-trl train --config", exit_on_error=False)
     parser.set_defaults(**(EMBEDDED_DEFAULTS if args.config is None else {"output_dir": DEFAULT_OUTPUT_DIR}))
@@ -93,7 +92,7 @@ def parse_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .training import finish, summary, train
+    from .grpo import finish, summary, train
 
     task, training_args, model_args = parse_config(args)
     started = time.monotonic()

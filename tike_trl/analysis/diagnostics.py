@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .estimators import TAILS, TopKLogProbs, at_least_fp32, kl_estimate, p_log_ratio
+from ..estimators import TAILS, TopKLogProbs, at_least_fp32, kl_estimate, p_log_ratio
 
 # value estimators compared in bias and variance; on-policy samples, so the importance ratio is 1
 VALUE_ESTIMATORS = ("k1", "k3", "rb", *(f"tike-{tail}" for tail in TAILS))
