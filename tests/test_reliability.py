@@ -234,6 +234,44 @@ def test_ratio_modes():
     assert importance_ratio(logp, old, None)[2] == pytest.approx(math.exp(8.0))
 
 
+@pytest.mark.parametrize("tail", ["sampled", "drop"])
+def test_mask_mode_drops_the_whole_term_of_the_weighted_tails(tail):
+    """'mask' zeroes the ratio above the bound; for the sampled and drop tails the ratio weights
+    the token's whole KL term."""
+    policy, ref, sampled = torch.randn(1, 12), torch.randn(1, 12), torch.tensor([11])
+    stale = torch.tensor([-30.0])  # π_old(o) ≈ 0: ratio ≈ e^28, above any bound
+    kl = kl_estimate(
+        policy, ref, sampled, "tike", top_k=3, tail=tail, old_logprobs=stale, is_clip=3.0, is_clip_mode="mask"
+    )
+    assert kl.item() == 0.0
+
+
+def test_mask_mode_keeps_the_top_k_sum_of_the_mc_tail():
+    """For the mc tail the ratio weights only the tail estimate (its top-k sum needs no weight), so
+    'mask' drops that and keeps the top-k sum, as the config's help says."""
+    policy, ref = torch.randn(1, 12, requires_grad=True), torch.randn(1, 12)
+    sampled = policy.detach().argsort(-1)[:, :1]  # the least likely token: outside the top-3
+    stale = torch.tensor([-30.0])
+    options = dict(top_k=3, tail="mc", old_logprobs=stale, is_clip=3.0, is_clip_mode="mask")
+    masked = kl_estimate(policy, ref, sampled[:, 0], "tike", **options)
+    top_sum = kl_estimate(policy, ref, sampled[:, 0], "tike", top_k=3, tail="drop", importance_weight=False)
+    torch.testing.assert_close(masked, top_sum)
+    assert masked.item() != 0.0
+
+
+@pytest.mark.parametrize("tail", ["sampled", "mc"])
+def test_zero_reference_mass_is_infinite_not_nan(tail):
+    """Where p > 0 and q = 0 the KL is +inf: the sampled tail (o in S) and the mc tail return +inf,
+    not NaN (0·inf, inf − inf), and the gradient stays finite."""
+    policy = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[float("-inf"), 0.0, 0.0, 0.0, 0.0]])  # q = 0 at the policy's top token
+    for sampled in (torch.tensor([0]), torch.tensor([4])):  # o in S, and o outside S
+        kl = kl_estimate(policy, ref, sampled, "tike", top_k=2, tail=tail)
+        assert kl.item() == float("inf")
+        (grad,) = torch.autograd.grad(kl.sum(), policy)
+        assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize(
     "field,value",
     [("tike_is_clip", 0.0), ("tike_is_clip", -1.0), ("tike_is_clip", "big"), ("tike_is_clip_mode", "clip")],

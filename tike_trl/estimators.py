@@ -44,12 +44,16 @@ def p_log_ratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """p·(log p − log q) elementwise, with 0·log(0/q) = 0 and a finite gradient where p = 0.
 
     Entries with p = 0 (a −inf logit, e.g. a masked padding row) contribute nothing; where p > 0
-    and q = 0 the result is +inf, which is the honest value of the KL.
+    and q = 0 the result is +inf, which is the honest value of the KL, and carries no gradient
+    (the gradient of an infinite KL is no direction to move in).
     """
     has_mass = logp > float("-inf")
+    finite_q = logq > float("-inf")
     safe_logp = torch.where(has_mass, logp, torch.zeros_like(logp))
-    safe_logq = torch.where(has_mass, logq, torch.zeros_like(logq))
-    return torch.where(has_mass, safe_logp.exp() * (safe_logp - safe_logq), torch.zeros_like(logp))
+    safe_logq = torch.where(finite_q, logq, torch.zeros_like(logq))
+    value = safe_logp.exp() * (safe_logp - safe_logq)
+    value = torch.where(finite_q, value, torch.full_like(value, float("inf")))
+    return torch.where(has_mass, value, torch.zeros_like(value))
 
 
 def exact_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
