@@ -179,7 +179,7 @@ def test_tiled_head_equals_dense_head_tied_embeddings(tied_model_dir, tmp_path, 
         torch.testing.assert_close(g_tiled, g_dense, atol=1e-6, rtol=1e-4)
 
 
-def _count_forwards(trainer) -> dict[str, int]:
+def _count_forwards(trainer, steps: int = 1) -> dict[str, int]:
     counts = {"policy": 0, "ref": 0}
     models = {"policy": trainer.model, "ref": trainer.ref_model}
 
@@ -190,7 +190,7 @@ def _count_forwards(trainer) -> dict[str, int]:
         return hook
 
     handles = [m.register_forward_pre_hook(counter(n), with_kwargs=True) for n, m in models.items() if m is not None]
-    trainer.args.max_steps = 1
+    trainer.args.max_steps = steps
     trainer.train()
     for h in handles:
         h.remove()
@@ -209,11 +209,53 @@ def test_no_more_forwards_than_trl_k3(tiny_model_dir, tmp_path, estimator):
     assert sum(ours.values()) <= sum(k3.values())
 
 
-def test_generation_time_reference_pass_skipped(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("num_iterations", [1, 2, 4])
+@pytest.mark.parametrize("estimator", ["tike", "rb"])
+def test_reference_backbone_once_per_generation_batch(tiny_model_dir, tmp_path, estimator, num_iterations):
+    """num_iterations optimizer steps over one generation batch: the reference backbone runs once
+    (where TRL runs its reference pass), whatever the number of loss passes over the batch."""
+    shape = dict(num_iterations=num_iterations)
+    k3 = _count_forwards(make_trainer(tiny_model_dir, tmp_path, kl_estimator="k3", **shape), num_iterations)
+    ours = _count_forwards(make_trainer(tiny_model_dir, tmp_path, kl_estimator=estimator, **shape), num_iterations)
+    assert k3["ref"] == 1
+    assert ours == k3
+
+
+def test_generation_keeps_the_reference_hidden_states(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, kl_estimator="tike")
-    batch = next(iter(trainer.get_train_dataloader()))
-    assert "ref_per_token_logps" not in trainer._generate_and_score_completions(batch)
+    batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    assert "ref_per_token_logps" not in batch  # TRL's reference pass: skipped
     assert trainer.beta == 0.05  # restored after the generation pass
+    hidden = batch["ref_hidden_states"]
+    assert hidden.shape == (*batch["completion_ids"].shape, trainer.model.config.hidden_size)
+    assert (hidden[batch["completion_mask"] == 0] == 0).all() and hidden[batch["completion_mask"] == 1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("on_cpu", [False, True])
+@pytest.mark.parametrize("estimator,tail", [("tike", "mc"), ("tike", "sampled"), ("rb", "sampled")])
+def test_kept_reference_states_give_the_loss_of_a_fresh_reference_pass(
+    tiny_model_dir, tmp_path, estimator, tail, on_cpu
+):
+    """The loss and gradients from the hidden states kept at generation equal those of a reference
+    forward at loss time (the path for batches generated elsewhere), off-policy."""
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, kl_estimator=estimator, tike_tail=tail, tike_top_k=4, tike_ref_hidden_on_cpu=on_cpu
+    )
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    assert batch["ref_hidden_states"].device.type == "cpu"
+    with torch.no_grad():  # move the policy off the reference, and off π_old
+        for p in trainer.model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    batch["old_per_token_logps"] = -torch.rand(
+        batch["completion_ids"].shape, generator=torch.Generator().manual_seed(0)
+    )
+    kept = _loss_and_grads(trainer, batch)
+    fresh = _loss_and_grads(trainer, {k: v for k, v in batch.items() if k != "ref_hidden_states"})
+    assert trainer._metrics["train"]["kl"][-1] > 1e-3
+    torch.testing.assert_close(kept[0], fresh[0], atol=1e-6, rtol=1e-5)
+    for g_kept, g_fresh in zip(kept[1], fresh[1]):
+        torch.testing.assert_close(g_kept, g_fresh, atol=1e-6, rtol=1e-5)
 
 
 # ---- bad input ----

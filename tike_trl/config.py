@@ -109,6 +109,13 @@ class TIKEConfig(GRPOConfig):
             `"truncate"` caps the ratio at `tike_is_clip`; `"mask"` sets it to 0 where it exceeds the
             bound, which drops what the ratio weights: the token's whole KL term for the `"sampled"`
             and `"drop"` tails, the tail estimate for `"mc"` (its top-k sum needs no weight).
+        tike_ref_hidden_on_cpu (`bool`, defaults to `False`):
+            `tike` and `rb` run the reference backbone once per generation batch (where TRL runs its
+            reference pass) and keep its final hidden states with the batch, so that every loss
+            pass over it, whatever `num_iterations`, applies only the reference head. They take
+            hidden size × 2 bytes per completion token in bf16 (Qwen2.5-7B: 7 KiB; a generation
+            batch of 64 completions of 4096 tokens: 1.75 GiB per device); `True` keeps them in CPU
+            memory until their micro-batch's loss.
         log_exact_kl_steps (`int`, defaults to `0`):
             Every this many optimizer steps, also log `kl/exact` (the exact per-token KL over the
             full vocabulary) and `kl/tail_residual` (exact KL minus the top-`tike_top_k` sum, paper
@@ -164,6 +171,13 @@ class TIKEConfig(GRPOConfig):
             "help": "'truncate' caps the ratio at tike_is_clip; 'mask' sets it to 0 above the bound, dropping what it "
             "weights: the token's whole KL term (sampled, drop tails) or the tail estimate (mc).",
             "choices": list(CLIP_MODES),
+        },
+    )
+    tike_ref_hidden_on_cpu: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the reference's final hidden states (from the one generation-time reference pass, hidden "
+            "size x 2 bytes per completion token in bf16) in CPU memory until their micro-batch's loss."
         },
     )
 

@@ -21,6 +21,7 @@ import trl.trainer.utils as trl_utils
 from trl.kernels import ChunkedLogProbFunction
 
 from .kernels import HeadSpec, RefHead, Tiling, policy_head, reference_logprobs
+from .kernels.trl_tiles import compute_dtype, use_triton
 
 _UNSUPPORTED_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -66,7 +67,9 @@ class ReferenceCapture:
         outputs=("log_probs",),
     ):
         _check_outputs(outputs)
-        self.heads.append(RefHead(hidden.detach(), weight, bias, _spec(temperature, softcap, logit_scale)))
+        # in the dtype the head projects in: the same numbers, and no more bytes than needed when kept
+        hidden = hidden.detach().to(compute_dtype(hidden))
+        self.heads.append(RefHead(hidden, weight, bias, _spec(temperature, softcap, logit_scale)))
         zeros = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         return zeros, (zeros if "entropy" in outputs else None), None, None, None
 
@@ -184,6 +187,19 @@ class PolicyForward:
                 for name, value in values.items()
             },
         )
+
+
+def completion_to_rows(values: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+    """The inverse of `rows_to_completion`: per-completion-position values ([batch, logits_to_keep,
+    ...]) in the row layout TRL's fused head scores on this device (zeros at the positions that
+    carry no completion token)."""
+    batch, seq = attention_mask.shape
+    keep = attention_mask[:, -logits_to_keep:].bool()
+    if use_triton(values.device):  # TRL scores only the labelled positions, in row-major order
+        return values[keep]
+    rows = values.new_zeros((batch, seq - 1, *values.shape[2:]))
+    rows[:, -logits_to_keep:] = torch.where(keep.view(*keep.shape, *(1,) * (values.dim() - 2)), values, 0)
+    return rows.flatten(0, 1)
 
 
 def rows_to_completion(rows: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:

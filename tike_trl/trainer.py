@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
 from .config import TIKEConfig
@@ -23,9 +24,19 @@ from .estimators import (
     trl_ratio,
     truncated_kl,
 )
-from .fused_head import LogProbRecorder, PolicyForward, ReferenceCapture, TIKEHead, replace_head_kernel
+from .fused_head import (
+    LogProbRecorder,
+    PolicyForward,
+    ReferenceCapture,
+    TIKEHead,
+    completion_to_rows,
+    replace_head_kernel,
+    rows_to_completion,
+)
 from .kernels import RefHead, head_rows
 
+# the batch key of the reference's final hidden states, kept from the generation-time pass
+REF_HIDDEN_STATES = "ref_hidden_states"
 # TRL's loss types whose loss is normalised by the generation batch's `num_items_in_batch`
 NUM_ITEMS_LOSS_TYPES = ("cispo", "dapo", "vespo")
 # the model inputs besides the token ids that TRL's `_compute_loss` hands its policy forward
@@ -52,6 +63,16 @@ class KLTerms:
     topk_mass: torch.Tensor | None = None
     exact: torch.Tensor | None = None  # exact per-token KL, on `log_exact_kl_steps` steps
     tail_residual: torch.Tensor | None = None  # exact KL minus the top-k sum (paper Eq. 11)
+
+
+def _input_ids(inputs: dict) -> torch.Tensor:
+    """The micro-batch's prompt + completion ids, as TRL's loss builds them."""
+    return torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+
+
+def _forward_kwargs(inputs: dict) -> dict:
+    """The model inputs besides the token ids that TRL hands its forwards (multimodal batches)."""
+    return {key: inputs.get(key) for key in FORWARD_KEYS}
 
 
 def _attention_mask(inputs: dict) -> torch.Tensor:
@@ -138,10 +159,34 @@ class TIKEGRPOTrainer(GRPOTrainer):
             self.beta = beta
 
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
-        if self.beta != 0.0 and self.args.kl_estimator in HEAD_ESTIMATORS:
-            with self._trl_kl_term_off():  # the generation-time reference pass would be dead work
-                return super()._generate_and_score_completions(inputs)
-        return super()._generate_and_score_completions(inputs)
+        if self.beta == 0.0 or self.args.kl_estimator not in HEAD_ESTIMATORS:
+            return super()._generate_and_score_completions(inputs)
+        # TRL's reference pass would keep log π_ref at the sampled token only; ours keeps the
+        # reference head's inputs, so the loss can apply the head at the current policy's top-k
+        with self._trl_kl_term_off():
+            batch = super()._generate_and_score_completions(inputs)
+        batch[REF_HIDDEN_STATES] = self._reference_hidden_states(batch)
+        return batch
+
+    @torch.no_grad()
+    def _reference_hidden_states(self, batch: dict) -> torch.Tensor:
+        """The reference backbone's final hidden states at the completion positions,
+        [batch, completion_len, hidden] in the compute dtype (zeros at padding), from one reference
+        forward where TRL runs its own (in its generation-time micro-batches). TRL splits and
+        shuffles every tensor of the batch, so each loss pass over it, whatever `num_iterations`,
+        finds its rows and only applies the reference head."""
+        mode = "train" if self.model.training else "eval"
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        mask, completion_len = _attention_mask(batch), batch["completion_ids"].size(1)
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            heads = self._reference_heads(
+                _input_ids(batch), mask, completion_len, batch_size=batch_size, **_forward_kwargs(batch)
+            )
+        self._reference_head = replace(heads[0], hidden=heads[0].hidden[:0])  # the head itself: weight, bias, spec
+        hidden = torch.cat(
+            [rows_to_completion(h.hidden, m, completion_len) for h, m in zip(heads, mask.split(batch_size))]
+        )
+        return hidden.to("cpu", non_blocking=True) if self.args.tike_ref_hidden_on_cpu else hidden
 
     def _compute_loss(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
         if self.beta == 0.0:
@@ -167,12 +212,12 @@ class TIKEGRPOTrainer(GRPOTrainer):
         recorded, for the sampled-token estimators; our tiled head for `tike` and `rb`."""
         if self.args.kl_estimator in SAMPLED_TOKEN_ESTIMATORS:
             return LogProbRecorder()
-        refs = self._reference_heads(
-            torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
-            _attention_mask(inputs),
-            inputs["completion_ids"].size(1),
-            **{key: inputs.get(key) for key in FORWARD_KEYS},
-        )
+        mask, completion_len = _attention_mask(inputs), inputs["completion_ids"].size(1)
+        if REF_HIDDEN_STATES in inputs:  # kept from the generation-time reference pass
+            hidden = inputs[REF_HIDDEN_STATES].to(mask.device)
+            refs = [replace(self._reference_head, hidden=completion_to_rows(hidden, mask, completion_len))]
+        else:  # a batch generated elsewhere (TRL's own trainer, a benchmark): run the reference now
+            refs = self._reference_heads(_input_ids(inputs), mask, completion_len, **_forward_kwargs(inputs))
         return self._loss_head(refs)
 
     def _loss_head(self, refs: list[RefHead]) -> TIKEHead:
