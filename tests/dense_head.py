@@ -49,6 +49,7 @@ class DenseHead(TIKEHead):
         if self.top_k:
             rows.topk_logprobs, rows.topk_indices = logp.topk(self.top_k, dim=-1)
             rows.ref_topk_logprobs, rows.ref_logprob = logq.gather(1, rows.topk_indices), logq.gather(1, label)[:, 0]
+            rows.sampled_logprob = rows.logprob
         return rows
 
 

@@ -159,3 +159,19 @@ def test_a_variant_out_of_memory_is_reported_not_fatal(smoke, tmp_path):
     result = {**smoke[1], "rows": rows}
     assert markdown_table(result).splitlines()[-1].startswith("| rb naive |  | OOM |")
     plot_loss_step(result, tmp_path / "plot.png")
+
+
+def test_bf16_error_smoke_exact_columns_beat_the_tiles(tmp_path):
+    """The bf16 error benchmark runs end to end, and its finding holds at smoke size: TIKE's
+    exact columns cut its value and gradient errors against fp64 several-fold, rb is exact."""
+    from benchmarks import bf16_error
+
+    result = bf16_error.main(["--smoke", "--out-dir", str(tmp_path), "--run-name", "smoke"])
+    assert (tmp_path / next(p.name for p in tmp_path.glob("*smoke.md"))).read_text().count("| tike-mc |") == 2
+    rows = {(r["eps"], r["estimator"], r["kernels"]): r for r in result["rows"]}
+    for eps in bf16_error.SMOKE.eps:
+        assert rows[(eps, "rb", "exact columns")]["token_rel_rms_error"] < 0.01
+        for tail in ("drop", "sampled", "mc"):
+            before, after = rows[(eps, f"tike-{tail}", "tiles only")], rows[(eps, f"tike-{tail}", "exact columns")]
+            assert after["token_rel_rms_error"] < before["token_rel_rms_error"] / 3
+            assert after["grad_rel_error"] < before["grad_rel_error"] / 3

@@ -316,7 +316,7 @@ def test_kernel_pipeline_equals_kl_estimate(tail):
     logps = TopKLogProbs(
         policy=out.topk_logprobs,
         ref=logq[:, :-1],
-        policy_sampled=out.logprob,
+        policy_sampled=out.sampled_logprob,
         ref_sampled=logq[:, -1],
         sampled_in_topk=(out.topk_indices == targets[:, None]).any(-1),
     )
@@ -343,3 +343,50 @@ def test_head_rejects_bad_shapes():
         policy_head(hidden, weight, bias, targets, ref=RefHead(hidden[:3].detach(), weight.detach()))
     with pytest.raises(ValueError, match="temperature"):
         HeadSpec(temperature=0.0)
+
+
+def _sharp_bf16_head(seed=0, n=37, d=16, vocab=203):
+    """bf16 head inputs with logits at the scale of a real LM's (top ones 20-30, where bf16 rounds
+    each logit by ~0.03-0.06) and the fp64 log-softmax of the same bf16 numbers."""
+    hidden, weight, bias, targets = make_head(n=n, d=d, vocab=vocab, seed=seed)
+    with torch.no_grad():
+        hidden = (hidden * 4.0).bfloat16().requires_grad_()
+        weight, bias = weight.detach().bfloat16().requires_grad_(), (bias.detach() + 6.0).bfloat16().requires_grad_()
+    logp64 = F.log_softmax(hidden.double() @ weight.double().t() + bias.double(), -1)
+    return hidden, weight, bias, targets, logp64
+
+
+@pytest.mark.parametrize("exact_head", [False, True], ids=["top-k head", "exact-KL head"])
+def test_kl_logprobs_are_exact_in_bf16(exact_head):
+    """What the KL reads (log p at S ∪ {o}, log q there) is accurate in bf16, while the label
+    log-prob the policy gradient reads stays TRL's bf16 arithmetic."""
+    hidden, weight, bias, targets, logp64 = _sharp_bf16_head()
+    ref_h, ref_w, ref_b, _, logq64 = _sharp_bf16_head(seed=4)
+    ref = RefHead(ref_h.detach(), ref_w.detach(), ref_b.detach()) if exact_head else None
+    out = policy_head(hidden, weight, bias, targets, HeadSpec(), top_k=6, ref=ref, tiling=TILING)
+    columns = torch.cat([out.topk_indices, targets[:, None]], 1)
+    want = logp64.gather(1, columns)
+    got = torch.cat([out.topk_logprobs, out.sampled_logprob[:, None]], 1).double()
+    rounded = F.log_softmax(dense_logits(hidden, weight, bias, HeadSpec()).double(), -1).gather(1, columns)
+    assert (rounded - want).abs().max() > 1e-2  # what the bf16 tiles alone give
+    # what is left is the rounding of the other logits (at most one bf16 step each: the product and
+    # then the bias are rounded, as in TRL's head), weighted by their mass, through the normaliser
+    in_a = torch.zeros_like(logp64, dtype=torch.bool).scatter(1, columns, True)
+
+    def tail_bound(logp, hidden, weight, bias):
+        logits = hidden.double() @ weight.double().t() + bias.double()
+        step = torch.exp2(torch.floor(torch.log2(logits.abs().clamp(min=1e-30))) - 7)
+        return torch.where(in_a, 0.0, logp.exp() * step).sum(1, keepdim=True) + 2e-5
+
+    assert ((got - want).abs() <= tail_bound(logp64, hidden, weight, bias)).all()
+    # the policy gradient's label log-prob is still the rounded one
+    torch.testing.assert_close(out.logprob.double(), rounded[:, -1], atol=1e-5, rtol=0)
+    logq = reference_logprobs(ref_h, ref_w, ref_b, columns, HeadSpec(), TILING).double()
+    assert ((logq - logq64.gather(1, columns)).abs() <= tail_bound(logq64, ref_h, ref_w, ref_b)).all()
+    # gradient of a functional of the KL's log-probs, against fp64 through the same bf16 numbers
+    g = torch.randn(columns.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    h64 = hidden.detach().double().requires_grad_()
+    dense = (F.log_softmax(h64 @ weight.double().t() + bias.double(), -1).gather(1, columns) * g).sum()
+    (want_grad,) = torch.autograd.grad(dense, h64)
+    (got_grad,) = torch.autograd.grad((got * g).sum(), hidden)
+    assert ((got_grad.double() - want_grad).norm() / want_grad.norm()).item() < 1e-2

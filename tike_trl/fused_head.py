@@ -83,6 +83,7 @@ class HeadRows:
     entropy: torch.Tensor | None = None  # [rows]
     topk_logprobs: torch.Tensor | None = None  # [rows, k] log p at the top-k set S, differentiable
     topk_indices: torch.Tensor | None = None  # [rows, k]
+    sampled_logprob: torch.Tensor | None = None  # [rows] log p(label) as the KL reads it, differentiable
     ref_topk_logprobs: torch.Tensor | None = None  # [rows, k] log q at S
     ref_logprob: torch.Tensor | None = None  # [rows] log q(label)
     exact_kl: torch.Tensor | None = None  # [rows] Σ_v p_v ℓ_v, differentiable
@@ -157,6 +158,7 @@ class TIKEHead:
             indices = torch.cat([out.topk_indices, targets.unsqueeze(1)], dim=1)
             ref_logprobs = reference_logprobs(ref.hidden, ref.weight, ref.bias, indices, ref.spec, tiling)
             rows.topk_logprobs, rows.topk_indices = out.topk_logprobs, out.topk_indices
+            rows.sampled_logprob = out.sampled_logprob
             rows.ref_topk_logprobs, rows.ref_logprob = ref_logprobs[:, :-1], ref_logprobs[:, -1]
         return rows
 
@@ -164,12 +166,14 @@ class TIKEHead:
 @dataclass
 class PolicyForward:
     """The loss's policy forward, laid out `[batch, completion_len, ...]` like TRL's log-probs
-    (zeros at padding). `logps` is TRL's label log-prob; the other fields are None unless the
-    head computed them (see `HeadRows`)."""
+    (zeros at padding). `logps` is TRL's label log-prob, what its policy-gradient loss reads;
+    `sampled_logprob` is the same log-prob as the KL reads it (exact in bf16); the other fields are
+    None unless the head computed them (see `HeadRows`)."""
 
     logps: torch.Tensor
     topk_logprobs: torch.Tensor | None = None
     topk_indices: torch.Tensor | None = None
+    sampled_logprob: torch.Tensor | None = None
     ref_topk_logprobs: torch.Tensor | None = None
     ref_logprob: torch.Tensor | None = None
     exact_kl: torch.Tensor | None = None

@@ -273,7 +273,7 @@ class TIKEGRPOTrainer(GRPOTrainer):
         logps = TopKLogProbs(
             policy=forward.topk_logprobs,
             ref=forward.ref_topk_logprobs,
-            policy_sampled=forward.logps,
+            policy_sampled=forward.sampled_logprob,
             ref_sampled=forward.ref_logprob,
             sampled_in_topk=(forward.topk_indices == inputs["completion_ids"].unsqueeze(-1)).any(-1),
         )

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .precise import corrected_log_z, exact_logits, first_occurrence, needs_exact_columns
 from .tiles import RefHead, Tiling, gather_columns, head_rows, project, project_exact
 from .topk import RunningTopK
 from .trl_tiles import (
@@ -46,6 +47,7 @@ class HeadOutputs:
     topk_logprobs: torch.Tensor  # [N, k], in no particular order
     topk_indices: torch.Tensor  # [N, k], no gradient
     log_z: torch.Tensor  # [N], no gradient
+    sampled_logprob: torch.Tensor  # [N] log p(label) as the KL reads it (exact in bf16; `logprob` is TRL's)
     exact_kl: torch.Tensor | None = None  # [N] Σ_v p_v ℓ_v, when a reference head was given
 
 
@@ -101,10 +103,37 @@ def policy_head(
     return HeadOutputs(*outputs)
 
 
+@dataclass
+class _KLColumns:
+    """The columns the KL reads besides the dense pass, A = S ∪ {o} ([N, k+1], the label last), and
+    the log-normaliser of their log-probs. In bf16 their logits are fp32 dot products and the
+    normaliser is corrected for them (`precise.py`); in fp32 both come from the tiles."""
+
+    indices: torch.Tensor  # [N, k+1]
+    logits: torch.Tensor  # [N, k+1], float32
+    log_z: torch.Tensor  # [N]
+    counted: torch.Tensor | None = None  # [N, k+1] first occurrences, when the logits were recomputed
+
+    @staticmethod
+    def of(hidden, weight, bias, spec, top: RunningTopK, lse: LogSumExp, targets, log_z, dtype) -> _KLColumns:
+        indices = torch.cat([top.indices, targets.unsqueeze(1)], dim=1)
+        rounded = torch.cat([spec.transform(top.values), lse.target_logit.unsqueeze(1)], dim=1)
+        if not needs_exact_columns(dtype):
+            return _KLColumns(indices, rounded, log_z)
+        logits = exact_logits(hidden, weight, bias, spec, indices, dtype)
+        counted = first_occurrence(indices)
+        return _KLColumns(indices, logits, corrected_log_z(log_z, rounded, logits, counted), counted)
+
+    def logprobs(self) -> torch.Tensor:
+        return self.logits - self.log_z.unsqueeze(1)
+
+
 class _SparseGrad:
-    """The part of a logits gradient a dense kernel does not form: weights w at a few vocabulary
-    columns per row (the label, the top-k), added as w·dz/dy. dz/dy is gathered from the raw
-    tile, before the kernel overwrites it."""
+    """The part of a logits gradient a dense kernel does not form, at a few vocabulary columns per
+    row (A = S ∪ {o}), added as w·dz/dy; dz/dy is gathered from the raw tile before the kernel
+    overwrites it. With `correction = (Σ g_A, log Z*, exact logits, counted)` it also moves the
+    dense term at the counted columns from the tile's rounded logits to the exact ones:
+    + Σ g_A·(e^{z_j − log Z*} − e^{z*_j − log Z*})."""
 
     def __init__(
         self,
@@ -114,35 +143,58 @@ class _SparseGrad:
         columns: torch.Tensor,
         weights: torch.Tensor,
         spec: HeadSpec,
+        correction: tuple | None = None,
     ) -> None:
         raw, in_tile, self.columns = gather_columns(tile, columns[rows], vocab_start)
-        self.values = torch.where(in_tile, weights[rows], 0.0) * spec.dlogit_draw(raw)
+        values = weights[rows]
+        if correction is not None:
+            total, log_z_star, exact, counted = (t[rows] for t in correction)
+            shift = log_z_star.unsqueeze(1)
+            rounded = spec.transform(raw)
+            moved = total.unsqueeze(1) * (torch.exp(rounded - shift) - torch.exp(exact - shift))
+            values = values + torch.where(counted, moved, 0.0)
+        self.values = torch.where(in_tile, values, 0.0) * spec.dlogit_draw(raw)
 
     def add_to(self, grad_tile: torch.Tensor) -> None:
         grad_tile.scatter_add_(1, self.columns, self.values.to(grad_tile.dtype))
 
 
-def _sparse_terms(
-    top_idx: torch.Tensor,
-    targets: torch.Tensor,
-    grad_logprob: torch.Tensor | None,
-    grad_topk: torch.Tensor | None,
-    label_in_kernel: bool,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Columns S ∪ {o} ([N, k+1]) and their sparse weights: g_i at i∈S and, at the label, −Σ_i g_i
-    when the dense kernel forms G·1[j=o] itself (`label_in_kernel`), else g_o. None if all zero."""
-    if grad_topk is None and (label_in_kernel or grad_logprob is None):
+def _grad_at(grad_topk: torch.Tensor | None, grad_sampled: torch.Tensor | None, n: int, k: int, device):
+    """The upstream gradient of the log-probs at A = S ∪ {o} ([N, k+1]), None if there is none."""
+    if grad_topk is None and grad_sampled is None:
         return None
+    zeros = torch.zeros((n,), device=device)
+    topk = torch.zeros((n, k), device=device) if grad_topk is None else grad_topk.float()
+    return torch.cat([topk, (zeros if grad_sampled is None else grad_sampled.float()).unsqueeze(1)], dim=1)
+
+
+def _dense_label_grad(
+    grad_logprob: torch.Tensor | None, grad_at: torch.Tensor | None, scale: torch.Tensor | float = 1.0
+) -> torch.Tensor | None:
+    """G = g_o + scale·Σ_A g_A, the weight of the dense kernel's −p_j term (`scale` moves the A
+    log-probs' normaliser onto the tile's: e^{log Z − log Z*})."""
+    parts = [g for g in (grad_logprob, None if grad_at is None else scale * grad_at.sum(dim=1)) if g is not None]
+    return sum(p.float() for p in parts).contiguous() if parts else None
+
+
+def _sparse_weights(
+    columns: torch.Tensor,
+    grad_logprob: torch.Tensor | None,
+    grad_at: torch.Tensor | None,
+    label_in_kernel: bool,
+    scale: torch.Tensor | float = 1.0,
+) -> torch.Tensor | None:
+    """Weights at A = S ∪ {o} (the label last) of what the dense kernel does not form: g_A at A and,
+    at the label, g_o minus what the kernel puts there (G·1[j=o] with G from `_dense_label_grad`
+    when `label_in_kernel`, nothing otherwise). None if all zero."""
+    if grad_at is None and (label_in_kernel or grad_logprob is None):
+        return None
+    weights = torch.zeros(columns.shape, device=columns.device) if grad_at is None else grad_at.clone()
     if label_in_kernel:
-        label = -grad_topk.float().sum(dim=1)
-    else:
-        label = torch.zeros(targets.shape, device=targets.device) if grad_logprob is None else grad_logprob.float()
-    if grad_topk is None:
-        return targets.unsqueeze(1), label.unsqueeze(1)
-    return (
-        torch.cat([top_idx, targets.unsqueeze(1)], dim=1),
-        torch.cat([grad_topk.float(), label.unsqueeze(1)], dim=1),
-    )
+        weights[:, -1] -= scale * grad_at.sum(dim=1)
+    elif grad_logprob is not None:
+        weights[:, -1] += grad_logprob.float()
+    return weights
 
 
 def _kl_kernel_shift(
@@ -190,14 +242,9 @@ class _Grads:
         return cast(self.g_hidden, self.hidden), cast(self.g_weight, self.weight), cast(self.g_bias, self.bias)
 
 
-def _combined_label_grad(grad_logprob: torch.Tensor | None, grad_topk: torch.Tensor | None) -> torch.Tensor | None:
-    """G = g_o + Σ_{i∈S} g_i, the weight of TRL's dense −p_j term."""
-    parts = [g.float() for g in (grad_logprob, None if grad_topk is None else grad_topk.sum(dim=1)) if g is not None]
-    return sum(parts).contiguous() if parts else None
-
-
 class _TopKHead(torch.autograd.Function):
-    """Label log-prob, entropy and top-k of the policy; tiles in the compute dtype, as TRL's head."""
+    """Label log-prob, entropy and top-k of the policy; tiles in the compute dtype, as TRL's head.
+    The log-probs at S ∪ {o} that the KL reads are recomputed exactly in bf16 (`_KLColumns`)."""
 
     @staticmethod
     def forward(
@@ -216,23 +263,31 @@ class _TopKHead(torch.autograd.Function):
                     lse.fold(tile, rows, targets[rows], start, spec, entropy=True)
                     if top_k:
                         top.merge(tile, rows, start, tiling.block)
-        log_z = lse.log_z()
+            log_z = lse.log_z()
+            cols = _KLColumns.of(hidden, weight, bias, spec, top, lse, targets, log_z, dtype)
         entropy = lse.entropy(log_z)
-        topk_logprobs = spec.transform(top.values) - log_z.unsqueeze(1)
-        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy, top.indices)
-        ctx.spec, ctx.tiling = spec, tiling
+        at = cols.logprobs()
+        counted = cols.counted if cols.counted is not None else cols.indices.new_empty(0)
+        saved = (hidden, weight, bias, targets, log_z, entropy, cols.indices, cols.logits, cols.log_z, counted)
+        ctx.save_for_backward(*saved)
+        ctx.spec, ctx.tiling, ctx.exact_columns = spec, tiling, cols.counted is not None
         ctx.mark_non_differentiable(top.indices, log_z)
-        return lse.target_logit - log_z, entropy, topk_logprobs, top.indices, log_z
+        return lse.target_logit - log_z, entropy, at[:, :top_k], top.indices, log_z, at[:, top_k]
 
     @staticmethod
-    def backward(ctx, grad_logprob, grad_entropy, grad_topk, _indices, _log_z):
-        hidden, weight, bias, targets, log_z, entropy, top_idx = ctx.saved_tensors
+    def backward(ctx, grad_logprob, grad_entropy, grad_topk, _indices, _log_z, grad_sampled):
+        hidden, weight, bias, targets, log_z, entropy, columns, logits, kl_log_z, counted = ctx.saved_tensors
         spec, tiling = ctx.spec, ctx.tiling
-        grad_label = _combined_label_grad(grad_logprob, grad_topk)
+        grad_at = _grad_at(grad_topk, grad_sampled, columns.shape[0], columns.shape[1] - 1, hidden.device)
+        scale = torch.exp(log_z - kl_log_z)  # 1 where the KL's log-probs share the tiles' normaliser
+        grad_label = _dense_label_grad(grad_logprob, grad_at, scale)
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
         if grad_label is None and grad_entropy is None:
             return (None,) * 8
-        terms = _sparse_terms(top_idx, targets, grad_logprob, grad_topk, label_in_kernel=True)
+        weights = _sparse_weights(columns, grad_logprob, grad_at, label_in_kernel=True, scale=scale)
+        correction = None
+        if ctx.exact_columns and grad_at is not None:
+            correction = (grad_at.sum(dim=1), kl_log_z, logits, counted)
         dtype = compute_dtype(hidden)
         with maybe_gather_lm_head_ctx(weight, bias):
             grads = _Grads(hidden, weight, bias, ctx.needs_input_grad[:3])
@@ -241,7 +296,9 @@ class _TopKHead(torch.autograd.Function):
                 h = hidden[rows].to(dtype)
                 for start, end in tiling.columns(weight.shape[0]):
                     tile = project(buf, h, weight, bias, start, end)
-                    sparse = None if terms is None else _SparseGrad(tile, rows, start, *terms, spec)
+                    sparse = None
+                    if weights is not None:
+                        sparse = _SparseGrad(tile, rows, start, columns, weights, spec, correction)
                     backward_logprob_tile(
                         tile,
                         targets[rows],
@@ -303,13 +360,14 @@ class _ExactKLHead(torch.autograd.Function):
                     s_tile = project_exact(s_buf, h, weight, bias, start, end, dtype) if exact_products else tile
                     t_tile = project_exact(t_buf, h_ref, ref_weight, ref_bias, start, end, ref_dtype)
                     stats.fold(s_tile, t_tile, rows, spec, ref_spec)
-        log_z = lse.log_z()
+            log_z = lse.log_z()
+            cols = _KLColumns.of(hidden, weight, bias, spec, top, lse, targets, log_z, dtype)
         entropy = lse.entropy(log_z)
         # the fp32 statistics the KL and the backward (which recomputes fp32 tiles) use
         exact_log_z, ref_log_z = stats.policy.log_z(), stats.ref.log_z()
         exact_entropy = stats.policy.entropy(exact_log_z)
         kl = stats.exact_kl(exact_log_z, ref_log_z)
-        topk_logprobs = spec.transform(top.values) - log_z.unsqueeze(1)
+        at = cols.logprobs()
         ctx.save_for_backward(
             hidden,
             weight,
@@ -322,26 +380,29 @@ class _ExactKLHead(torch.autograd.Function):
             exact_entropy,
             ref_log_z,
             kl,
-            top.indices,
+            cols.indices,
         )
         ctx.specs, ctx.tiling = (spec, ref_spec), tiling
         ctx.mark_non_differentiable(top.indices, log_z)
-        return lse.target_logit - log_z, entropy, topk_logprobs, top.indices, log_z, kl
+        return lse.target_logit - log_z, entropy, at[:, :top_k], top.indices, log_z, at[:, top_k], kl
 
     @staticmethod
-    def backward(ctx, grad_logprob, grad_entropy, grad_topk, _indices, _log_z, grad_kl):
-        (hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, log_z, entropy, ref_log_z, kl, top_idx) = (
+    def backward(ctx, grad_logprob, grad_entropy, grad_topk, _indices, _log_z, grad_sampled, grad_kl):
+        (hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, log_z, entropy, ref_log_z, kl, columns) = (
             ctx.saved_tensors
         )
         (spec, ref_spec), tiling = ctx.specs, ctx.tiling
-        grad_label = _combined_label_grad(grad_logprob, grad_topk)
+        # the backward's fp32 tiles are the exact logits: the A log-probs' gradient is that of the
+        # exact softmax, whose normaliser the fp32 statistics hold
+        grad_at = _grad_at(grad_topk, grad_sampled, columns.shape[0], columns.shape[1] - 1, hidden.device)
+        grad_label = _dense_label_grad(grad_logprob, grad_at)
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
         grad_kl = None if grad_kl is None else grad_kl.float().contiguous()
         has_logprob_terms = grad_label is not None or grad_entropy is not None
         if not has_logprob_terms and grad_kl is None:
             return (None,) * 12
         shift = _kl_kernel_shift(kl, grad_kl, grad_label, grad_entropy)
-        terms = _sparse_terms(top_idx, targets, grad_logprob, grad_topk, label_in_kernel=shift is None)
+        weights = _sparse_weights(columns, grad_logprob, grad_at, label_in_kernel=shift is None)
         # both kernels overwrite their tile with a gradient: when both run, the log-prob terms go to a copy
         two_kernels = shift is None and grad_kl is not None and has_logprob_terms
         n, device = hidden.shape[0], hidden.device
@@ -355,7 +416,7 @@ class _ExactKLHead(torch.autograd.Function):
                 h, h_ref = hidden[rows].to(dtype), ref_hidden[rows].to(ref_dtype)
                 for start, end in tiling.columns(weight.shape[0]):
                     s_tile = project_exact(s_buf, h, weight, bias, start, end, dtype)
-                    sparse = None if terms is None else _SparseGrad(s_tile, rows, start, *terms, spec)
+                    sparse = None if weights is None else _SparseGrad(s_tile, rows, start, columns, weights, spec)
                     logprob_tile = s_tile
                     if two_kernels:
                         logprob_tile = c_buf[: h.shape[0], : end - start]

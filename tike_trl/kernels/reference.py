@@ -1,13 +1,15 @@
 """The reference head without gradient: log π_ref at given indices, in one tiled pass.
 
 TIKE needs log q at the policy's top-k set S and at the sampled token: the reference's log-
-normaliser (an online logsumexp over every vocabulary tile) and its logits at those few columns.
+normaliser (an online logsumexp over every vocabulary tile) and its logits at those few columns,
+recomputed exactly when the tiles are bf16 (`precise.py`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .precise import corrected_log_z, exact_logits, first_occurrence, needs_exact_columns
 from .tiles import Tiling, gather_columns, project
 from .trl_tiles import HeadSpec, LogSumExp, compute_dtype, maybe_gather_lm_head_ctx
 
@@ -37,4 +39,8 @@ def reference_logprobs(
                 lse.fold(tile, rows, indices[rows, 0].contiguous(), start, spec, entropy=False)
                 values, in_tile, _ = gather_columns(tile, indices[rows], start)
                 raw[rows] = torch.where(in_tile, values.float(), raw[rows])
-    return spec.transform(raw) - lse.log_z().unsqueeze(1)
+        rounded, log_z = spec.transform(raw), lse.log_z()
+        if needs_exact_columns(dtype):  # bf16 tiles: exact logits at the columns, and their normaliser
+            exact = exact_logits(hidden, weight, bias, spec, indices, dtype)
+            return exact - corrected_log_z(log_z, rounded, exact, first_occurrence(indices)).unsqueeze(1)
+    return rounded - log_z.unsqueeze(1)
