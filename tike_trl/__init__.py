@@ -6,8 +6,8 @@ Swap one import in a TRL GRPO script::
 """
 
 from .config import TIKEConfig
-from .estimators import ESTIMATORS, TAILS, kl_estimate
+from .estimators import ESTIMATORS, TAILS, kl_estimate, sequence_kl_surrogate
 from .trainer import TIKEGRPOTrainer
 
-__all__ = ["ESTIMATORS", "TAILS", "TIKEConfig", "TIKEGRPOTrainer", "kl_estimate"]
+__all__ = ["ESTIMATORS", "TAILS", "TIKEConfig", "TIKEGRPOTrainer", "kl_estimate", "sequence_kl_surrogate"]
 __version__ = "0.1.0"

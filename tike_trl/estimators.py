@@ -252,3 +252,88 @@ def kl_estimate(
         return value
     ratio = importance_ratio(logps.policy_sampled, old_logprobs if importance_weight else None, is_clip, is_clip_mode)
     return truncated_kl(logps, ratio, tail)
+
+
+# ---- the sequence level ----
+
+KL_GRADIENTS = ("token", "sequence")
+# estimators whose own local gradient has zero expectation, so the score term starts at t itself
+SCORE_FROM_OWN_POSITION = ("k1",)
+
+
+def future_kl(values: torch.Tensor, mask: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
+    """F_t = Σ_{s>t} values_s over the masked positions of each sequence ([batch, T]; from t
+    itself when `inclusive`), without gradient."""
+    values = (values * mask).detach()
+    suffix = values.flip(-1).cumsum(-1).flip(-1)
+    return suffix if inclusive else suffix - values
+
+
+def leave_one_out(future: torch.Tensor, group_size: int) -> torch.Tensor:
+    """b_t: per position, the mean of F_t over the other sequences of each consecutive group of
+    `group_size` (a baseline independent of the sequence itself, so it adds no bias)."""
+    batch, length = future.shape
+    if group_size < 2 or batch % group_size:
+        raise ValueError(f"group_size={group_size} must be >= 2 and divide the batch ({batch}).")
+    groups = future.view(batch // group_size, group_size, length)
+    return ((groups.sum(1, keepdim=True) - groups) / (group_size - 1)).view(batch, length)
+
+
+def score_term(logp_o: torch.Tensor, advantage: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(log π_θ(o_t) − sg(log π_θ(o_t)))·sg(weight·advantage): zero in value, its gradient the
+    score-function term ∇log π_θ(o_t)·weight·advantage."""
+    coefficient = advantage if weight is None else weight * advantage
+    return (logp_o - logp_o.detach()) * coefficient.detach()
+
+
+def sequence_kl_surrogate(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    sampled_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    estimator: str = "tike",
+    top_k: int = 16,
+    tail: str = "sampled",
+    importance_weight: bool = True,
+    old_logprobs: torch.Tensor | None = None,
+    is_clip: float | None = None,
+    is_clip_mode: str = "truncate",
+    group_size: int | None = None,
+    bias_correction: bool = True,
+) -> torch.Tensor:
+    """Per completion ([batch]), a surrogate whose detached value is the completion's sequence-KL
+    estimate (Σ_t of the per-token values) and whose autograd gradient with respect to
+    `policy_logits` ([batch, T, V]) is the estimator's sequence-level gradient:
+
+        Σ_t [v_t + (log π_θ(o_t) − sg(log π_θ(o_t)))·sg(r_t·(F_t − b_t))],
+
+    v_t the per-token estimate (`kl_estimate`, k3 with TRL's differentiable ratio unless
+    `bias_correction=False`), F_t = Σ_{s>t} v_s (for k1 from t itself: its local gradient is zero in
+    expectation), b_t = 0 or, with `group_size=G`, the leave-one-out mean of F_t over the other
+    completions of each consecutive block of G, and r_t = sg(π_θ(o_t)/π_old(o_t)) the token's
+    importance weight (1 on-policy). `mask` ([batch, T], 1 = a completion token) defaults to all
+    ones. On-policy its expected gradient is ∇KL(π_θ(y)‖π_ref(y)) for k1, k3 (with the ratio), rb
+    and tike-mc (docs/estimators.md).
+    """
+    mask = torch.ones_like(sampled_ids, dtype=torch.float32) if mask is None else mask.to(torch.float32)
+    if mask.shape != sampled_ids.shape or sampled_ids.dim() != 2:
+        raise ValueError(f"sampled_ids {tuple(sampled_ids.shape)} and mask must both be [batch, T].")
+    options = dict(top_k=top_k, tail=tail, importance_weight=importance_weight, is_clip=is_clip)
+    values = kl_estimate(
+        policy_logits,
+        ref_logits,
+        sampled_ids,
+        estimator,
+        old_logprobs=old_logprobs,
+        is_clip_mode=is_clip_mode,
+        bias_correction=bias_correction,
+        **options,
+    )
+    logp_o = F.log_softmax(at_least_fp32(policy_logits), -1).gather(-1, sampled_ids.long().unsqueeze(-1)).squeeze(-1)
+    future = future_kl(values, mask, inclusive=estimator in SCORE_FROM_OWN_POSITION)
+    if group_size is not None:
+        future = future - leave_one_out(future, group_size)
+    ratio = importance_ratio(logp_o, old_logprobs, is_clip, is_clip_mode) if old_logprobs is not None else None
+    per_token = values + score_term(logp_o, future, ratio)
+    return (per_token * mask.to(per_token.dtype)).sum(-1)
