@@ -12,7 +12,9 @@ from .estimators import (
     CLIP_MODES,
     ESTIMATORS,
     HEAD_ESTIMATORS,
+    KL_GRADIENTS,
     SAMPLED_TOKEN_ESTIMATORS,
+    SEQUENCE_BASELINES,
     TAILS,
     check_choice,
     check_top_k,
@@ -116,6 +118,17 @@ class TIKEConfig(GRPOConfig):
             hidden size × 2 bytes per completion token in bf16 (Qwen2.5-7B: 7 KiB; a generation
             batch of 64 completions of 4096 tokens: 1.75 GiB per device); `True` keeps them in CPU
             memory until their micro-batch's loss.
+        kl_gradient (`str`, defaults to `"token"`):
+            `"token"`: the KL term's gradient holds each token's history fixed, as TRL's and the TIKE
+            paper's do; it omits the effect of a token on the KL of the positions after it.
+            `"sequence"`: each position's term gains a zero-valued score-function term carrying the
+            later positions' KL, so the gradient is the sequence KL's (exactly, in expectation and
+            on-policy, for k1, k3 with TRL's ratio, rb and tike with `tike_tail="mc"`). The loss
+            value and the `kl` metric are unchanged. No extra forward.
+        kl_sequence_baseline (`str`, defaults to `"loo"`):
+            What the `"sequence"` term subtracts from the later positions' KL, per position: the
+            mean over the other completions of the micro-batch (`"loo"`), a running mean from
+            earlier micro-batches (`"running_mean"`), or nothing (`"none"`). None adds bias.
         log_exact_kl_steps (`int`, defaults to `0`):
             Every this many optimizer steps, also log `kl/exact` (the exact per-token KL over the
             full vocabulary) and `kl/tail_residual` (exact KL minus the top-`tike_top_k` sum, paper
@@ -181,6 +194,25 @@ class TIKEConfig(GRPOConfig):
         },
     )
 
+    kl_gradient: str = field(
+        default="token",
+        metadata={
+            "help": "'token': the KL term's gradient holds each token's history fixed (TRL's, the TIKE paper's); "
+            "'sequence': plus the effect of each token on the KL of the positions after it, as a score-function "
+            "term, so the gradient is that of the sequence KL (docs/estimators.md). The loss value is unchanged.",
+            "choices": list(KL_GRADIENTS),
+        },
+    )
+    kl_sequence_baseline: str = field(
+        default="loo",
+        metadata={
+            "help": "Baseline subtracted from the future KL in the 'sequence' gradient's score term: 'loo' (per "
+            "position, the mean over the other completions of the micro-batch), 'running_mean' (per position, from "
+            "earlier micro-batches) or 'none'. Each is independent of the completion, so none adds bias.",
+            "choices": list(SEQUENCE_BASELINES),
+        },
+    )
+
     log_exact_kl_steps: int = field(
         default=0,
         metadata={
@@ -199,15 +231,20 @@ class TIKEConfig(GRPOConfig):
             isinstance(self.tike_is_clip, (int, float)) and self.tike_is_clip > 0
         ):
             raise ValueError(f"tike_is_clip={self.tike_is_clip!r} must be a number > 0, or None for no bound.")
+        check_choice("kl_gradient", self.kl_gradient, KL_GRADIENTS)
+        check_choice("kl_sequence_baseline", self.kl_sequence_baseline, SEQUENCE_BASELINES)
         check_exact_kl_logging(self.log_exact_kl_steps, self.kl_estimator, self.beta)
         if self.bf16 is None and not self.fp16 and not _has_accelerator():
             self.bf16 = False  # TRL would default to bf16 and fail on a CPU-only machine
         super().__post_init__()
         warn_if_not_sampling_the_policy(self)
         if self.beta == 0.0:
+            ignored = f"kl_estimator={self.kl_estimator!r}" + (
+                " and kl_gradient='sequence' have" if self.kl_gradient == "sequence" else " has"
+            )
             warnings.warn(
-                f"beta=0.0 switches the KL term off: kl_estimator={self.kl_estimator!r} has no effect and no "
-                "reference model is loaded. The TIKE paper uses beta=1e-3.",
+                f"beta=0.0 switches the KL term off: {ignored} no effect and no reference model is loaded. The TIKE "
+                "paper uses beta=1e-3.",
                 UserWarning,
                 stacklevel=3,
             )

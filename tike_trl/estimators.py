@@ -257,6 +257,8 @@ def kl_estimate(
 # ---- the sequence level ----
 
 KL_GRADIENTS = ("token", "sequence")
+# what the sequence-level gradient's score term subtracts from the future KL (trainer; docs/estimators.md)
+SEQUENCE_BASELINES = ("loo", "running_mean", "none")
 # estimators whose own local gradient has zero expectation, so the score term starts at t itself
 SCORE_FROM_OWN_POSITION = ("k1",)
 

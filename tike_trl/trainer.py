@@ -17,10 +17,14 @@ from .config import TIKEConfig
 from .estimators import (
     HEAD_ESTIMATORS,
     SAMPLED_TOKEN_ESTIMATORS,
+    SCORE_FROM_OWN_POSITION,
     TopKLogProbs,
     check_top_k,
+    future_kl,
     importance_ratio,
+    leave_one_out,
     sampled_token_kl,
+    score_term,
     trl_ratio,
     truncated_kl,
 )
@@ -37,6 +41,8 @@ from .kernels import RefHead, head_rows
 
 # the batch key of the reference's final hidden states, kept from the generation-time pass
 REF_HIDDEN_STATES = "ref_hidden_states"
+# the running-mean baseline of `kl_sequence_baseline`: weight of the past per micro-batch
+RUNNING_MEAN_MOMENTUM = 0.9
 # TRL's loss types whose loss is normalised by the generation batch's `num_items_in_batch`
 NUM_ITEMS_LOSS_TYPES = ("cispo", "dapo", "vespo")
 # the model inputs besides the token ids that TRL's `_compute_loss` hands its policy forward
@@ -84,6 +90,33 @@ def _loss_mask(inputs: dict) -> torch.Tensor:
     """The tokens TRL's loss counts: the completion, minus tool-call outputs when the batch has them."""
     mask = inputs["completion_mask"]
     return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+
+
+class PositionRunningMean:
+    """Per completion position, an exponential running mean of the future KL F_t over the
+    micro-batches seen (the `"running_mean"` baseline; not saved in checkpoints)."""
+
+    def __init__(self, momentum: float = RUNNING_MEAN_MOMENTUM) -> None:
+        self.momentum = momentum
+        self.mean: torch.Tensor | None = None
+
+    def value(self, future: torch.Tensor) -> torch.Tensor:
+        """The current means at `future`'s positions ([batch, T]; 0 where none was seen yet)."""
+        length = future.shape[1]
+        out = torch.zeros(length, device=future.device, dtype=future.dtype)
+        if self.mean is not None:
+            known = min(length, self.mean.shape[0])
+            out[:known] = self.mean[:known]
+        return out.expand_as(future)
+
+    def update(self, future: torch.Tensor, mask: torch.Tensor) -> None:
+        current = self.value(future)[0]
+        seen = mask.sum(0) > 0
+        batch_mean = (future * mask).sum(0) / mask.sum(0).clamp(min=1.0)
+        updated = torch.where(seen, self.momentum * current + (1 - self.momentum) * batch_mean, current)
+        if self.mean is not None and self.mean.shape[0] > updated.shape[0]:
+            updated = torch.cat([updated, self.mean[updated.shape[0] :]])
+        self.mean = updated
 
 
 def _checked_rollout(rollout_func: Callable) -> Callable:
@@ -137,6 +170,7 @@ class TIKEGRPOTrainer(GRPOTrainer):
                 f"TIKEGRPOTrainer needs a TIKEConfig, got {type(args).__name__}: swap the import of "
                 "GRPOConfig for `from tike_trl import TIKEConfig`."
             )
+        self._future_kl_mean = PositionRunningMean()  # kl_sequence_baseline="running_mean"
         if kwargs.get("rollout_func") is not None:
             kwargs["rollout_func"] = _checked_rollout(kwargs["rollout_func"])
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
@@ -201,7 +235,10 @@ class TIKEGRPOTrainer(GRPOTrainer):
         forward = PolicyForward.laid_out(capture.rows, _attention_mask(inputs), inputs["completion_ids"].size(1))
         terms = self._kl_terms(forward, inputs)
         mask = _loss_mask(inputs)
-        kl_loss = self.beta * self._aggregate_like_trl(terms.kl, mask, inputs, mode)
+        per_token = terms.kl
+        if self.args.kl_gradient == "sequence":
+            per_token = per_token + self._future_kl_score(terms.kl, forward.logps, inputs, mask)
+        kl_loss = self.beta * self._aggregate_like_trl(per_token, mask, inputs, mode)
         self._log_kl_metrics(terms, mask, mode, kl_loss, policy_loss_logged)
         return loss + kl_loss
 
@@ -288,6 +325,31 @@ class TIKEGRPOTrainer(GRPOTrainer):
             terms.exact = forward.exact_kl.detach()
             terms.tail_residual = (forward.exact_kl - logps.topk_sum()).detach()
         return terms
+
+    def _future_kl_score(
+        self, values: torch.Tensor, logps: torch.Tensor, inputs: dict, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """`kl_gradient="sequence"`: per token, (log π_θ(o_t) − sg)·sg(r_t·(F_t − b_t)), zero in value,
+        whose gradient carries the KL of the later positions of the completion (F_t; for k1 from t
+        itself) onto the token that shaped their histories. r_t is the token's importance weight
+        (1 on-policy), b_t the configured baseline. docs/estimators.md derives it."""
+        future = future_kl(values, mask, inclusive=self.args.kl_estimator in SCORE_FROM_OWN_POSITION)
+        weight = importance_ratio(
+            logps, self._behavior_logprobs(logps, inputs), self.args.tike_is_clip, self.args.tike_is_clip_mode
+        )
+        return score_term(logps, future - self._future_kl_baseline(future, mask), weight)
+
+    def _future_kl_baseline(self, future: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """b_t per position, independent of each completion's own tokens (so it adds no bias)."""
+        baseline = self.args.kl_sequence_baseline
+        if baseline == "loo":  # the other completions of the micro-batch
+            return leave_one_out(future, future.shape[0]) if future.shape[0] > 1 else torch.zeros_like(future)
+        if baseline == "none":
+            return torch.zeros_like(future)
+        # from earlier micro-batches only, then updated with this one
+        before = self._future_kl_mean.value(future)
+        self._future_kl_mean.update(future, mask)
+        return before
 
     def _behavior_logprobs(self, logps: torch.Tensor, inputs: dict) -> torch.Tensor | None:
         """log π_b(o): the log-probs of the distribution the sampled tokens were drawn from, the

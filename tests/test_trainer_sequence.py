@@ -1,0 +1,141 @@
+"""`kl_gradient="sequence"` through the trainer: the KL part of its gradient is the dense
+`sequence_kl_surrogate`'s on the same batch, the loss value and the kl metric are the token-level
+ones, and it costs no extra forward."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from trainers import fixed_batch, make_trainer
+
+from tike_trl import TIKEConfig, sequence_kl_surrogate
+from tike_trl.trainer import PositionRunningMean
+
+
+def _perturbed(trainer, source) -> None:
+    """The trainer's policy: the batch source's weights moved off the reference, deterministically."""
+    with torch.no_grad():
+        for p, q in zip(trainer.model.parameters(), source.model.parameters()):
+            p.copy_(q + 0.3 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+
+
+def _loss_and_grads(trainer, inputs):
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    loss = trainer.compute_loss(trainer.model, inputs)
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+CASES = [
+    dict(kl_estimator="rb"),
+    dict(kl_estimator="tike", tike_tail="mc"),
+    dict(kl_estimator="tike", tike_tail="sampled"),
+    dict(kl_estimator="k3"),
+    dict(kl_estimator="k1"),
+]
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
+@pytest.mark.parametrize("baseline", ["none", "loo"])
+@pytest.mark.parametrize("options", CASES, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_kl_gradient_equals_the_dense_surrogate(tiny_model_dir, tmp_path, options, baseline, off_policy):
+    """dr_grpo sums the per-token terms, so the KL part of the gradient (the gradient at 2β minus
+    the gradient at β, divided by β) is the dense surrogate's, summed and normalised likewise."""
+    source, inputs = fixed_batch(tiny_model_dir, tmp_path)
+    if off_policy:
+        noise = torch.rand(inputs["completion_ids"].shape, generator=torch.Generator().manual_seed(5))
+        inputs = {**inputs, "old_per_token_logps": inputs["ref_per_token_logps"] - 0.2 * noise}
+    config = dict(loss_type="dr_grpo", kl_gradient="sequence", kl_sequence_baseline=baseline, tike_top_k=4)
+    trainer = make_trainer(tiny_model_dir, tmp_path, tike_is_clip=None, **config, **options)
+    _perturbed(trainer, source)
+    beta = trainer.beta
+    _, grads_beta = _loss_and_grads(trainer, inputs)
+    trainer.beta = 2 * beta
+    _, grads_twice = _loss_and_grads(trainer, inputs)
+    trainer.beta = beta
+    ours = [(a - b) / beta for a, b in zip(grads_twice, grads_beta)]
+
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    n = inputs["completion_ids"].shape[1]
+    temperature = trainer.args.temperature
+    policy = trainer.model(input_ids=ids, attention_mask=attention).logits[:, -n - 1 : -1] / temperature
+    with torch.no_grad():
+        ref = trainer.ref_model(input_ids=ids, attention_mask=attention).logits[:, -n - 1 : -1] / temperature
+    estimator = options["kl_estimator"]
+    surrogate = sequence_kl_surrogate(
+        policy,
+        ref,
+        inputs["completion_ids"],
+        inputs["completion_mask"],
+        estimator=estimator,
+        top_k=4,
+        tail=options.get("tike_tail", "sampled"),
+        old_logprobs=inputs.get("old_per_token_logps"),
+        group_size=ids.shape[0] if baseline == "loo" else None,
+    )
+    dense = surrogate.sum() / (ids.shape[0] * trainer.max_completion_length)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(dense, params)
+    assert max(e.abs().max().item() for e in expected) > 1e-3
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-3)
+
+
+@pytest.mark.parametrize("options", CASES[:4], ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_sequence_keeps_the_loss_and_kl_and_changes_the_gradient(tiny_model_dir, tmp_path, options):
+    source, inputs = fixed_batch(tiny_model_dir, tmp_path)
+    results = {}
+    for gradient in ("token", "sequence"):
+        trainer = make_trainer(tiny_model_dir, tmp_path, kl_gradient=gradient, tike_top_k=4, **options)
+        _perturbed(trainer, source)
+        loss, grads = _loss_and_grads(trainer, inputs)
+        results[gradient] = (loss, grads, trainer._metrics["train"]["kl"][-1])
+    (loss_t, grads_t, kl_t), (loss_s, grads_s, kl_s) = results["token"], results["sequence"]
+    torch.testing.assert_close(loss_s, loss_t)
+    assert kl_s == kl_t
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_s, grads_t))
+
+
+def test_sequence_runs_no_more_forwards_than_token(tiny_model_dir, tmp_path):
+    counts = {}
+    for gradient in ("token", "sequence"):
+        trainer = make_trainer(tiny_model_dir, tmp_path, kl_estimator="tike", kl_gradient=gradient, max_steps=1)
+        calls = {"policy": 0, "ref": 0}
+        hooks = [
+            m.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+            for name, m in (("policy", trainer.model), ("ref", trainer.ref_model))
+        ]
+        trainer.train()
+        for h in hooks:
+            h.remove()
+        counts[gradient] = calls
+    assert counts["sequence"] == counts["token"]
+
+
+def test_running_mean_baseline_uses_earlier_batches_only():
+    running = PositionRunningMean(momentum=0.5)
+    future = torch.tensor([[3.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    assert torch.equal(running.value(future), torch.zeros_like(future))  # nothing seen yet
+    running.update(future, mask)
+    torch.testing.assert_close(running.value(future)[0], torch.tensor([1.0, 0.25, 0.0]))
+    longer = torch.zeros(1, 4)
+    torch.testing.assert_close(running.value(longer)[0], torch.tensor([1.0, 0.25, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("field,value", [("kl_gradient", "seq"), ("kl_sequence_baseline", "group")])
+def test_config_rejects_unknown_values(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        TIKEConfig(output_dir=str(tmp_path), use_cpu=True, **{field: value})
+
+
+def test_sequence_without_kl_term_warns_once(tmp_path):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        TIKEConfig(output_dir=str(tmp_path), use_cpu=True, beta=0.0, kl_gradient="sequence")
+    about_beta = [w for w in record if "beta=0.0" in str(w.message)]
+    assert len(about_beta) == 1 and "kl_gradient='sequence'" in str(about_beta[0].message)
