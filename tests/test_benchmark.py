@@ -175,3 +175,20 @@ def test_bf16_error_smoke_exact_columns_beat_the_tiles(tmp_path):
             before, after = rows[(eps, f"tike-{tail}", "tiles only")], rows[(eps, f"tike-{tail}", "exact columns")]
             assert after["token_rel_rms_error"] < before["token_rel_rms_error"] / 3
             assert after["grad_rel_error"] < before["grad_rel_error"] / 3
+
+
+@pytest.mark.slow
+def test_kl_gradient_training_smoke(tiny_model_dir, tmp_path):
+    """The token-vs-sequence training comparison runs end to end on the tiny model: every
+    configuration trains, is evaluated before and after, and lands in the table and the plot."""
+    from benchmarks import kl_gradient_training
+
+    plot = tmp_path / "plot.png"
+    result = kl_gradient_training.main(
+        ["--smoke", "--model", str(tiny_model_dir), "--out-dir", str(tmp_path), "--plot", str(plot)]
+    )
+    assert [(s["estimator"], s["kl_gradient"]) for s in result["summary"]] == kl_gradient_training.CONFIGS
+    for run in result["runs"]:
+        assert [h["step"] for h in run["held_out"]] == [0, 1]
+        assert all(h["sequence_kl"] > -1e-6 for h in run["held_out"])  # an exact KL, up to rounding
+    assert plot.stat().st_size > 0 and len(list(tmp_path.glob("*.md"))) == 1
