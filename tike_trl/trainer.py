@@ -145,11 +145,13 @@ class TIKEGRPOTrainer(GRPOTrainer):
 
     - `k1`, `k2`, `k3` use TRL's generation-time reference log-probs; `k3` (with TRL's
       `use_bias_correction_kl` factor) reproduces `trl.GRPOTrainer` exactly.
-    - `tike` and `rb` skip TRL's generation-time reference pass and evaluate the reference at
-      loss time, on the micro-batch, because the top-k set belongs to the current policy. The
-      policy's one forward runs our tiled head (label log-prob, entropy, top-k or exact KL);
-      the reference (a separate model, or the PEFT model with adapters disabled) contributes
-      its final hidden states, and its head is applied tile by tile.
+    - `tike` and `rb` need the reference at the current policy's top-k (or everywhere), which
+      only the loss knows: TRL's generation-time reference pass is replaced by one that keeps
+      the reference's final hidden states with the batch (the reference is a separate model, or
+      the PEFT model with adapters disabled), and at loss time the policy's one forward runs our
+      tiled head (label log-prob, entropy, top-k or exact KL), which applies the reference head
+      tile by tile.
+    - `kl_gradient="sequence"` adds the later positions' KL as a zero-valued score-function term.
 
     `_compute_loss` reads top-down: the capture stands in for TRL's head kernel while TRL computes
     its loss (KL term off), then the KL terms come from what it recorded, are aggregated like TRL's
@@ -171,6 +173,7 @@ class TIKEGRPOTrainer(GRPOTrainer):
                 "GRPOConfig for `from tike_trl import TIKEConfig`."
             )
         self._future_kl_mean = PositionRunningMean()  # kl_sequence_baseline="running_mean"
+        self._reference_head: RefHead | None = None  # the reference's head (weight, bias, logit spec), once seen
         if kwargs.get("rollout_func") is not None:
             kwargs["rollout_func"] = _checked_rollout(kwargs["rollout_func"])
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
