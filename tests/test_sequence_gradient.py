@@ -216,3 +216,23 @@ def test_off_policy_prefix_ratios_are_exact_and_the_token_ratio_is_not(name):
     weighted = (prefix * per_token).sum(-1) + score_term(logp_o, future).sum(-1)
     torch.testing.assert_close((weights * weighted.detach()).sum(), exact_value, **TOL)
     torch.testing.assert_close(_grad((weights * weighted).sum(), theta), exact, **TOL)
+
+
+@pytest.mark.parametrize("kwargs", [dict(estimator="rb"), dict(estimator="tike", top_k=2, tail="mc")], ids=str)
+def test_an_infinite_token_kl_stays_in_its_completion(kwargs):
+    """Where q = 0 and p > 0 the token's KL is +inf and carries no gradient (as `kl_estimate`'s); it
+    must not make F_t, the completion's surrogate or its group partner's baseline inf or NaN: the
+    completion's value is +inf, every gradient finite, and the partner's gradient is the one it gets
+    when that token is masked out of F (the only place it reaches the partner)."""
+    g = torch.Generator().manual_seed(3)
+    policy = torch.randn(4, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(4, 3, 6, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 6, (4, 3), generator=g)
+    ref[0, 2, ids[0, 2]] = float("-inf")  # q = 0 at a sampled token
+    values = surrogate(policy, ref, ids, group_size=2, **kwargs)
+    (grad,) = torch.autograd.grad(values.sum(), policy)
+    assert values[0] == float("inf") and torch.isfinite(values[1:]).all() and torch.isfinite(grad).all()
+    mask = torch.ones(4, 3)
+    mask[0, 2] = 0
+    partner = surrogate(policy, ref, ids, mask, group_size=2, **kwargs)[1]
+    torch.testing.assert_close(grad[1], torch.autograd.grad(partner, policy)[0][1], **TOL)
