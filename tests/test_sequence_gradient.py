@@ -11,7 +11,8 @@ one autograd call. docs/estimators.md, "The sequence-level gradient", derives ea
 - plain k3: ∇KL + E[Σ_t ∇KL(π_ref‖π_θ)_t − ∇D_t] (history fixed);
 - tike-drop: ∇ of the truncated objective E[Σ_t T_t]; tike-sampled: neither ∇KL nor ∇ of its own mean;
 - a length-normalised aggregation (grpo): E[ĝ/|y|] = ∇E[KL̂/|y|] − E[Σ_t ∇log π(o_t)·Σ_{s≤t} D_s/|y|];
-- off-policy: prefix ratios make it exact again; the per-token ratio alone does not.
+- off-policy: prefix ratios make it exact again; the per-token ratio alone does not;
+- a token with q = 0 (KL +inf) keeps its completion's value +inf and every gradient finite.
 """
 
 import pytest
