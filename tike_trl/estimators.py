@@ -265,8 +265,10 @@ SCORE_FROM_OWN_POSITION = ("k1",)
 
 def future_kl(values: torch.Tensor, mask: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
     """F_t = Σ_{s>t} values_s over the masked positions of each sequence ([batch, T]; from t
-    itself when `inclusive`), without gradient."""
-    values = (values * mask).detach()
+    itself when `inclusive`), without gradient. An infinite value (p > 0 where q = 0) adds nothing:
+    as at the token level, such a term carries no gradient, and it must not turn F_t (and a
+    leave-one-out baseline built from it) into inf or NaN."""
+    values = torch.where(mask > 0, _finite(values.detach()), torch.zeros_like(values))
     suffix = values.flip(-1).cumsum(-1).flip(-1)
     return suffix if inclusive else suffix - values
 
@@ -338,4 +340,4 @@ def sequence_kl_surrogate(
         future = future - leave_one_out(future, group_size)
     ratio = importance_ratio(logp_o, old_logprobs, is_clip, is_clip_mode) if old_logprobs is not None else None
     per_token = values + score_term(logp_o, future, ratio)
-    return (per_token * mask.to(per_token.dtype)).sum(-1)
+    return torch.where(mask > 0, per_token, torch.zeros_like(per_token)).sum(-1)
