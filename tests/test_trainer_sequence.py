@@ -122,9 +122,11 @@ def test_running_mean_baseline_uses_earlier_batches_only():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     assert torch.equal(running.value(future), torch.zeros_like(future))  # nothing seen yet
     running.update(future, mask)
-    torch.testing.assert_close(running.value(future)[0], torch.tensor([1.0, 0.25, 0.0]))
-    longer = torch.zeros(1, 4)
-    torch.testing.assert_close(running.value(longer)[0], torch.tensor([1.0, 0.25, 0.0, 0.0]))
+    # bias-corrected: after one batch, that batch's per-position means
+    torch.testing.assert_close(running.value(future)[0], torch.tensor([2.0, 0.5, 0.0]))
+    running.update(torch.tensor([[4.0, 3.0, 2.0, 1.0]]), torch.ones(1, 4))
+    # (0.5·0.5·m1 + 0.5·m2) / (1 − 0.25) at seen-twice positions; the 4th position seen once
+    torch.testing.assert_close(running.value(torch.zeros(1, 4))[0], torch.tensor([10 / 3, 13 / 6, 4 / 3, 1.0]))
 
 
 @pytest.mark.parametrize("field,value", [("kl_gradient", "seq"), ("kl_sequence_baseline", "group")])

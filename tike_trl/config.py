@@ -125,10 +125,11 @@ class TIKEConfig(GRPOConfig):
             later positions' KL, so the gradient is the sequence KL's (exactly, in expectation and
             on-policy, for k1, k3 with TRL's ratio, rb and tike with `tike_tail="mc"`). The loss
             value and the `kl` metric are unchanged. No extra forward.
-        kl_sequence_baseline (`str`, defaults to `"loo"`):
-            What the `"sequence"` term subtracts from the later positions' KL, per position: the
-            mean over the other completions of the micro-batch (`"loo"`), a running mean from
-            earlier micro-batches (`"running_mean"`), or nothing (`"none"`). None adds bias.
+        kl_sequence_baseline (`str`, defaults to `"running_mean"`):
+            What the `"sequence"` term subtracts from the later positions' KL, per position: a
+            running mean from earlier micro-batches (`"running_mean"`, the lowest gradient variance
+            in the measurements of docs/estimators.md), the mean over the other completions of the
+            micro-batch (`"loo"`), or nothing (`"none"`). None adds bias.
         log_exact_kl_steps (`int`, defaults to `0`):
             Every this many optimizer steps, also log `kl/exact` (the exact per-token KL over the
             full vocabulary) and `kl/tail_residual` (exact KL minus the top-`tike_top_k` sum, paper
@@ -204,11 +205,12 @@ class TIKEConfig(GRPOConfig):
         },
     )
     kl_sequence_baseline: str = field(
-        default="loo",
+        default="running_mean",
         metadata={
-            "help": "Baseline subtracted from the future KL in the 'sequence' gradient's score term: 'loo' (per "
-            "position, the mean over the other completions of the micro-batch), 'running_mean' (per position, from "
-            "earlier micro-batches) or 'none'. Each is independent of the completion, so none adds bias.",
+            "help": "Baseline subtracted from the future KL in the 'sequence' gradient's score term: 'running_mean' "
+            "(per position, from earlier micro-batches; the lowest variance measured), 'loo' (per position, the mean "
+            "over the other completions of the micro-batch) or 'none'. Each is independent of the completion, so none "
+            "adds bias.",
             "choices": list(SEQUENCE_BASELINES),
         },
     )

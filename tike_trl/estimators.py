@@ -259,7 +259,9 @@ def kl_estimate(
 KL_GRADIENTS = ("token", "sequence")
 # what the sequence-level gradient's score term subtracts from the future KL (trainer; docs/estimators.md)
 SEQUENCE_BASELINES = ("loo", "running_mean", "none")
-# estimators whose own local gradient has zero expectation, so the score term starts at t itself
+# estimators whose own local gradient has zero expectation, so the score term starts at t itself;
+# that local gradient, ∇log π_θ(o_t), is itself a score term with coefficient 1, so a baseline for
+# them estimates 1 + F_t
 SCORE_FROM_OWN_POSITION = ("k1",)
 
 
@@ -315,7 +317,8 @@ def sequence_kl_surrogate(
     v_t the per-token estimate (`kl_estimate`, k3 with TRL's differentiable ratio unless
     `bias_correction=False`), F_t = Σ_{s>t} v_s (for k1 from t itself: its local gradient is zero in
     expectation), b_t = 0 or, with `group_size=G`, the leave-one-out mean of F_t over the other
-    completions of each consecutive block of G, and r_t = sg(π_θ(o_t)/π_old(o_t)) the token's
+    completions of each consecutive block of G (for k1 plus 1: its local gradient ∇log π_θ(o_t) is
+    a score term with coefficient 1), and r_t = sg(π_θ(o_t)/π_old(o_t)) the token's
     importance weight (1 on-policy). `mask` ([batch, T], 1 = a completion token) defaults to all
     ones. On-policy its expected gradient is ∇KL(π_θ(y)‖π_ref(y)) for k1, k3 (with the ratio), rb
     and tike-mc (docs/estimators.md).
@@ -335,9 +338,10 @@ def sequence_kl_surrogate(
         **options,
     )
     logp_o = F.log_softmax(at_least_fp32(policy_logits), -1).gather(-1, sampled_ids.long().unsqueeze(-1)).squeeze(-1)
-    future = future_kl(values, mask, inclusive=estimator in SCORE_FROM_OWN_POSITION)
+    own_position = estimator in SCORE_FROM_OWN_POSITION
+    future = future_kl(values, mask, inclusive=own_position)
     if group_size is not None:
-        future = future - leave_one_out(future, group_size)
+        future = future - leave_one_out(future, group_size) - float(own_position)
     ratio = importance_ratio(logp_o, old_logprobs, is_clip, is_clip_mode) if old_logprobs is not None else None
     per_token = values + score_term(logp_o, future, ratio)
     return torch.where(mask > 0, per_token, torch.zeros_like(per_token)).sum(-1)

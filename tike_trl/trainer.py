@@ -94,29 +94,38 @@ def _loss_mask(inputs: dict) -> torch.Tensor:
 
 class PositionRunningMean:
     """Per completion position, an exponential running mean of the future KL F_t over the
-    micro-batches seen (the `"running_mean"` baseline; not saved in checkpoints)."""
+    micro-batches seen, bias-corrected for its zero start as Adam's moments are (the
+    `"running_mean"` baseline; it restarts with the trainer, it is not saved in checkpoints)."""
 
     def __init__(self, momentum: float = RUNNING_MEAN_MOMENTUM) -> None:
         self.momentum = momentum
-        self.mean: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None  # Σ_n momentum^(N−n)·(1 − momentum)·mean_n, per position
+        self.updates: torch.Tensor | None = None  # batches that had the position, per position
 
     def value(self, future: torch.Tensor) -> torch.Tensor:
         """The current means at `future`'s positions ([batch, T]; 0 where none was seen yet)."""
         length = future.shape[1]
         out = torch.zeros(length, device=future.device, dtype=future.dtype)
-        if self.mean is not None:
-            known = min(length, self.mean.shape[0])
-            out[:known] = self.mean[:known]
+        if self.total is not None:
+            known = min(length, self.total.shape[0])
+            seen = self.updates[:known] > 0
+            corrected = self.total[:known] / (1 - self.momentum ** self.updates[:known]).clamp(min=1e-12)
+            out[:known] = torch.where(seen, corrected, 0.0).to(out.dtype)
         return out.expand_as(future)
 
     def update(self, future: torch.Tensor, mask: torch.Tensor) -> None:
-        current = self.value(future)[0]
+        length = future.shape[1]
+        if self.total is None or self.total.shape[0] < length:
+            total = torch.zeros(length, device=future.device, dtype=torch.float64)
+            updates = torch.zeros(length, device=future.device, dtype=torch.float64)
+            if self.total is not None:
+                total[: self.total.shape[0]], updates[: self.updates.shape[0]] = self.total, self.updates
+            self.total, self.updates = total, updates
         seen = mask.sum(0) > 0
-        batch_mean = (future * mask).sum(0) / mask.sum(0).clamp(min=1.0)
-        updated = torch.where(seen, self.momentum * current + (1 - self.momentum) * batch_mean, current)
-        if self.mean is not None and self.mean.shape[0] > updated.shape[0]:
-            updated = torch.cat([updated, self.mean[updated.shape[0] :]])
-        self.mean = updated
+        batch_mean = ((future * mask).sum(0) / mask.sum(0).clamp(min=1.0)).to(torch.float64)
+        head = self.total[:length]
+        self.total[:length] = torch.where(seen, self.momentum * head + (1 - self.momentum) * batch_mean, head)
+        self.updates[:length] += seen.to(torch.float64)
 
 
 def _checked_rollout(rollout_func: Callable) -> Callable:
@@ -336,11 +345,15 @@ class TIKEGRPOTrainer(GRPOTrainer):
         whose gradient carries the KL of the later positions of the completion (F_t; for k1 from t
         itself) onto the token that shaped their histories. r_t is the token's importance weight
         (1 on-policy), b_t the configured baseline. docs/estimators.md derives it."""
-        future = future_kl(values, mask, inclusive=self.args.kl_estimator in SCORE_FROM_OWN_POSITION)
+        own_position = self.args.kl_estimator in SCORE_FROM_OWN_POSITION
+        future = future_kl(values, mask, inclusive=own_position)
+        baseline = self._future_kl_baseline(future, mask)
+        if own_position and self.args.kl_sequence_baseline != "none":
+            baseline = baseline + 1.0  # k1's local gradient is a score term with coefficient 1
         weight = importance_ratio(
             logps, self._behavior_logprobs(logps, inputs), self.args.tike_is_clip, self.args.tike_is_clip_mode
         )
-        return score_term(logps, future - self._future_kl_baseline(future, mask), weight)
+        return score_term(logps, future - baseline, weight)
 
     def _future_kl_baseline(self, future: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """b_t per position, independent of each completion's own tokens (so it adds no bias)."""
