@@ -20,17 +20,17 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write(report: dict, stem: Path) -> list[Path]:
-    """`<stem>.json`, `.md` and `.png`; returns the paths written."""
+    """`<stem>.png`, `.md` and `.json` (last, so that it holds any plot error); returns the paths written."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
-    write_json(paths[0], report)
-    paths[1].write_text(markdown(report) + "\n")
+    json_path, md_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")
     try:
-        plot(report, paths[2])
+        plot(report, png_path)
+        report.pop("plot_error", None)
     except Exception as exc:  # a plot must never cost the report
-        report.setdefault("plot_error", f"{type(exc).__name__}: {exc}")
-        paths.pop()
-    return paths
+        report["plot_error"] = f"{type(exc).__name__}: {exc}"
+    md_path.write_text(markdown(report) + "\n")
+    write_json(json_path, report)
+    return [p for p in (json_path, md_path, png_path) if p.exists()]
 
 
 def copy_out(paths: list[Path]) -> None:
