@@ -229,7 +229,8 @@ def plot(report: dict, path: Path) -> None:
         if steps:
             ax.plot([s["step"] for s in steps], [s.get("kl", math.nan) for s in steps], "o-", label=_run_label(r))
     ax.set_xlabel("step")
-    ax.set_ylabel("logged kl")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("logged kl per training step")
     ax.grid(alpha=0.3)
     if runs:
         ax.legend(fontsize=7, ncol=2)

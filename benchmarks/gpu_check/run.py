@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -132,9 +133,14 @@ def environment(settings: Settings) -> dict:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             packages[name] = None
+    if packages["tike-trl"] is None:  # not installed: it runs from the working tree
+        version = re.search(r'__version__ = "(.+?)"', (ROOT / "tike_trl" / "__init__.py").read_text())
+        packages["tike-trl"] = f"{version.group(1) if version else '?'} (working tree)"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return {
         "device": _device_name(settings),
         "python": platform.python_version(),
+        "commit": commit.stdout.strip() if commit.returncode == 0 else None,  # no .git on the device machine
         "packages": packages,
         "install_s": os.environ.get("GPU_CHECK_INSTALL_S"),
     }
