@@ -141,6 +141,14 @@ def test_out_of_budget_stages_are_skipped_and_reported(tmp_path):
     assert json.loads((tmp_path / f"{report['run']}.json").read_text())["stages"] == report["stages"]
 
 
+def test_a_rerun_gets_a_new_name_and_overwrites_nothing(tmp_path):
+    first = gpu_check.main(["--smoke", "--out-dir", str(tmp_path), "--run-name", "again", "--stages", ""])
+    second = gpu_check.main(["--smoke", "--out-dir", str(tmp_path), "--run-name", "again", "--stages", ""])
+    assert second["run"] == first["run"] + "-2"
+    assert json.loads((tmp_path / f"{first['run']}.json").read_text())["run"] == first["run"]
+    assert {s["status"] for s in second["stages"]} == {"not selected"} and second["result"] == "passed"
+
+
 def test_a_stage_past_its_timeout_is_stopped_and_reported(tmp_path, monkeypatch):
     stages = tuple(replace(s, timeout_s={**s.timeout_s, "smoke": 1}) for s in gpu_check.STAGES)
     monkeypatch.setattr(gpu_check, "STAGES", stages)

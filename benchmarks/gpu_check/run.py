@@ -298,6 +298,19 @@ def run_check(
     return report
 
 
+def _unused(out_dir: Path, run_name: str) -> str:
+    """`run_name`, or `run_name-2`, `-3`, ... if today's run of that name exists: a run never
+    overwrites another, and a rerun of the same command (on a machine that kept the first run's
+    files) does not fail for it."""
+    date, name, n = f"{datetime.now(timezone.utc):%Y-%m-%d}", run_name, 1
+    while (out_dir / f"{date}-{name}.json").exists():
+        n += 1
+        name = f"{run_name}-{n}"
+    if name != run_name:
+        print(f"[gpu-check] a run named {run_name!r} exists in {out_dir}: this one is {name!r}")
+    return name
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.gpu_check",
@@ -335,8 +348,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.run_name is not None and (not args.run_name or "/" in args.run_name):
         parser.error(f"--run-name {args.run_name!r}: give a non-empty name without '/'")
     run_name = f"{'smoke-' if args.smoke else ''}{args.run_name or f'{datetime.now(timezone.utc):%H%M%SZ}'}"
-    if (out_dir / f"{datetime.now(timezone.utc):%Y-%m-%d}-{run_name}.json").exists():
-        parser.error(f"a run named {run_name!r} exists already in {out_dir}: give another --run-name")
-    report = run_check(settings, out_dir, run_name, stages, args.budget)
+    report = run_check(settings, out_dir, _unused(out_dir, run_name), stages, args.budget)
     print(reporting.markdown(report))
     return report

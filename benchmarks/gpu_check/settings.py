@@ -49,7 +49,7 @@ class Settings:
     learning_rate: float = 1e-4
     beta: float = 1e-3
     tike_top_k: int = 16
-    # seconds for all stages: with ~10 s installing the wheels, the whole command stays within 5 minutes
+    # seconds for all stages: with a few seconds installing the wheels, the command stays under 5 minutes
     budget_s: int = 285
 
     @property
