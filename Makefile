@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tike-trl-installed
 
-.PHONY: test train install quality clean
+.PHONY: test train install quality clean gpu-check gpu-check-smoke gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,20 @@ quality: $(STAMP)
 
 train: $(STAMP)
 	$(BIN)/tike-trl train
+
+# The prepared GPU check (docs/benchmarks.md, "The GPU check"), for a CUDA machine with no network:
+# installs the wheels in .whl/ (`make gpu-wheels`, here) and runs from the working tree with the
+# machine's own python3, no venv. GPU_CHECK_ARGS, e.g. --run-name h200, go to benchmarks.gpu_check.
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# every stage of it at a tiny size on the CPU, in about a minute (tests/test_gpu_check.py runs it too)
+gpu-check-smoke: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check --smoke $(GPU_CHECK_ARGS)
+
+# the wheels the GPU machine lacks, into .whl/ (git-ignored; the device tool carries it), checked
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check.wheels
 
 clean:
 	rm -rf $(VENV) build *.egg-info
