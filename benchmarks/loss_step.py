@@ -8,7 +8,12 @@ random-weight model:
 - `trl k3`: plain `trl.GRPOTrainer` (its fused, tiled head). Its reference log-probs come from
   the pass TRL runs at generation time (`_get_per_token_logps_and_entropies(ref_model, ...)`),
   which is timed as part of the step.
-- `tike`, `rb tiled`: `TIKEGRPOTrainer`, whose loss runs the reference forward itself.
+- `tike`, `rb tiled`: `TIKEGRPOTrainer`, whose loss runs the reference forward itself (as it
+  does on a batch it did not generate; in training that forward runs once per generation batch).
+- `reference forward`: that reference pass alone, what every pass over a generation batch after
+  the first saves with `num_iterations > 1`; `tike, kept reference` and `rb, kept reference`:
+  those later passes, the loss applying only the reference head to hidden states kept from the
+  generation-time pass.
 - `tike naive`, `rb naive`: the same trainer with a head that materialises both models'
   `[tokens, vocab]` log-softmax (`tests.dense_head.DenseHead`).
 - `backbone`: TRL's k3 step with no LM head at all (`benchmarks.heads.NoHead`); a variant's
@@ -49,6 +54,7 @@ import tike_trl
 from tests.dense_head import DenseHeadTrainer
 from tike_trl import TIKEConfig, TIKEGRPOTrainer
 from tike_trl.fused_head import replace_head_kernel
+from tike_trl.trainer import REF_HIDDEN_STATES
 
 from .heads import NoHead
 from .measure import freed_memory_kept, peak_memory, timed, unique_tensor_bytes
@@ -146,6 +152,13 @@ class Variant:
     trainer: GRPOTrainer
     estimator: str | None = None  # TIKEGRPOTrainer's kl_estimator; None for TRL's own trainer
     no_head: bool = False
+    # the reference forward only (TRL's generation-time pass): what every later pass over a
+    # generation batch saves when the reference's hidden states are kept (num_iterations > 1)
+    reference_only: bool = False
+    # ours with the reference's hidden states kept from the generation-time pass: the loss step of
+    # every pass over a generation batch (all of them at num_iterations > 1 but the first)
+    kept_reference: bool = False
+    _kept: dict = field(default_factory=dict)
 
     def step(self, inputs: dict) -> dict:
         """Reference forward + policy forward/backward; returns the loss and the logged KL."""
@@ -153,6 +166,14 @@ class Variant:
         if self.estimator is not None:
             trainer.args.kl_estimator = self.estimator
             trainer.args.tike_top_k = self.k or trainer.args.tike_top_k
+        if self.reference_only:
+            _trl_reference_logps(trainer, inputs)
+            return {"loss": None, "kl": None}
+        if self.kept_reference:  # computed once per batch, at the untimed warm-up step
+            key = id(inputs["completion_ids"])
+            if key not in self._kept:
+                self._kept = {key: trainer._reference_hidden_states(inputs)}
+            inputs = {**inputs, REF_HIDDEN_STATES: self._kept[key]}
         with replace_head_kernel(NoHead()) if self.no_head else nullcontext():
             if self.estimator is None:  # TRL computes the reference log-probs before the loss
                 inputs = {**inputs, "ref_per_token_logps": _trl_reference_logps(trainer, inputs)}
@@ -277,6 +298,9 @@ def build(mode: Mode, workdir: Path) -> Bench:
         Variant("trl k3", None, trl_trainer),
         *(Variant("tike", k, ours, "tike") for k in mode.top_ks),
         Variant("rb tiled", None, ours, "rb"),
+        Variant("reference forward", None, trl_trainer, reference_only=True),
+        Variant("tike, kept reference", NAIVE_TOP_K, ours, "tike", kept_reference=True),
+        Variant("rb, kept reference", None, ours, "rb", kept_reference=True),
         Variant("tike naive", min(NAIVE_TOP_K, max(mode.top_ks)), naive, "tike"),
         Variant("rb naive", None, naive, "rb"),
     ]

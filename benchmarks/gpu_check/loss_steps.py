@@ -24,7 +24,7 @@ from benchmarks.measure import freed_memory_kept
 
 from .settings import Settings
 
-KEPT = ("backbone", "trl k3", "tike", "rb tiled")
+KEPT = ("backbone", "trl k3", "tike", "rb tiled", "reference forward")
 
 
 def mode(settings: Settings, sequences: int, repeats: int, warmup: int) -> loss_step.Mode:
