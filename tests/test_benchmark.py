@@ -33,6 +33,9 @@ VARIANTS = {
     ("trl k3", None),
     *(("tike", k) for k in SMOKE.top_ks),
     ("rb tiled", None),
+    ("reference forward", None),
+    ("tike, kept reference", 16),
+    ("rb, kept reference", None),
     ("tike naive", 16),
     ("rb naive", None),
 }
@@ -60,7 +63,9 @@ def test_smoke_run_writes_json_table_and_plot(smoke):
         assert all(t > 0 and math.isfinite(t) for t in row["times_s"])
         assert row["time_s"] == statistics.median(row["times_s"])
         assert 0 < row["start_mem_bytes"] <= row["peak_mem_bytes"]
-        assert all(math.isfinite(row[key]) for key in ("loss", "kl", "cpu_time_s", "head_time_s"))
+        assert all(math.isfinite(row[key]) for key in ("cpu_time_s", "head_time_s"))
+        if row["variant"] != "reference forward":  # the reference pass alone computes no loss
+            assert math.isfinite(row["loss"]) and math.isfinite(row["kl"])
         assert {"torch", "trl", "transformers", "tike_trl"} <= row["versions"].keys()
     table = json_path.with_suffix(".md").read_text()
     assert table.count("\n| ") == len(VARIANTS) + 2  # header, rule, one line per variant
@@ -73,6 +78,16 @@ def test_naive_and_tiled_heads_measure_the_same_computation(smoke):
     for naive, tiled in [(("tike naive", 16), ("tike", 16)), (("rb naive", None), ("rb tiled", None))]:
         assert rows[naive]["kl"] == pytest.approx(rows[tiled]["kl"], rel=1e-4)
         assert rows[naive]["loss"] == pytest.approx(rows[tiled]["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_kept_reference_states_give_the_same_step(smoke):
+    rows = {(r["variant"], r["k"]): r for r in smoke[1]["rows"]}
+    for kept, fresh in [
+        (("tike, kept reference", 16), ("tike", 16)),
+        (("rb, kept reference", None), ("rb tiled", None)),
+    ]:
+        assert rows[kept]["kl"] == pytest.approx(rows[fresh]["kl"], rel=1e-5)
+        assert rows[kept]["loss"] == pytest.approx(rows[fresh]["loss"], rel=1e-5, abs=1e-7)
 
 
 def test_head_extra_memory_is_measured_against_the_headless_step(smoke):
