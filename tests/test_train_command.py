@@ -249,3 +249,29 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("tike-trl train: error: model")
     assert "Traceback" not in result.stderr
+
+
+def test_eval_split(tiny_model_dir, tmp_path, capsys):
+    """As TRL's script: with eval_strategy set, `dataset_test_split` is the eval dataset (here from
+    the mixture's `test_split_size`); a dataset without that split fails in one line."""
+    data = tmp_path / "sums.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"what is {i} + 1 ?", "answer": str(i + 1)}) for i in range(8)))
+    out = tmp_path / "run"
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(out),
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "1",
+    ]
+    err = _one_line_error(capsys, *common, "--dataset", str(data))
+    assert "has no 'test' split for evaluation (eval_strategy=steps) (splits: train)" in err
+    config = tmp_path / "run.yaml"
+    config.write_text(f"datasets:\n  - path: json\n    data_files: {data}\ntest_split_size: 0.5\n")
+    assert (
+        run_cli("--config", str(config), *common, "--max_steps", "1", "--per_device_eval_batch_size", "4", *SMALL) == 0
+    )
+    assert any("eval_loss" in row or "eval_reward" in row for row in read_metrics(out / "metrics.jsonl"))
