@@ -166,6 +166,7 @@ def _one_line_error(capsys, *args: str) -> str:
         (["--kl_estimator", "k9"], "invalid choice: 'k9'"),
         (["--max_steps"], "expected one argument"),
         (["--config"], "--config: expected a YAML file"),
+        (["--report_to", "no_such_tracker"], "report_to 'no_such_tracker': not an installed reporting integration"),
     ],
 )
 def test_bad_flags(capsys, args, expected):

@@ -181,6 +181,21 @@ def check_output_dir(output_dir: str) -> None:
         raise InputError(f"output dir {output_dir!r} is not writable: {err.strerror or err}") from err
 
 
+def check_integrations(training_args: TIKEConfig) -> None:
+    """One line, not a traceback from inside the trainer, when `report_to` or `use_vllm` asks for
+    a package that is not installed."""
+    from transformers.integrations import get_available_reporting_integrations
+    from trl.import_utils import is_vllm_available
+
+    available = get_available_reporting_integrations()
+    for name in training_args.report_to or []:
+        if name not in ("all", "none") and name not in available:
+            installed = ", ".join(available) or "none"
+            raise InputError(f"report_to {name!r}: not an installed reporting integration (installed: {installed})")
+    if training_args.use_vllm and not is_vllm_available():
+        raise InputError("use_vllm: vLLM is not installed (pip install 'trl[vllm]')")
+
+
 def model_path(model_args: ModelConfig) -> str:
     """`model_name_or_path`, checked; unset, the embedded SmolLM2-135M-Instruct (converted on first use)."""
     if model_args.model_name_or_path:
@@ -248,6 +263,7 @@ def build_trainer(
 ) -> TIKEGRPOTrainer:
     """The trainer for one run, with the metrics file and the compact progress bar attached;
     every input checked first, so that bad input fails in one line before any loading."""
+    check_integrations(training_args)
     model = model_path(model_args)
     check_output_dir(training_args.output_dir)
     rewards = reward_functions(script_args)
