@@ -1,4 +1,4 @@
-"""Launch a training script on 2 CPU processes through one of `recipes/accelerate/*.yaml`, the way
+"""Launch a training script on 2 CPU processes through one of `tike_trl/recipes/accelerate/*.yaml`, the way
 a GPU user launches it, plus the few overrides a CPU needs; and the same script in-process on one
 process, for comparisons.
 
@@ -34,8 +34,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tike_trl.recipes import ROOT
+
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "recipes" / "accelerate"
+RECIPES = ROOT / "accelerate"
 TRAIN_TINY = Path(__file__).resolve().parent / "scripts" / "train_tiny.py"
 
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -53,20 +55,10 @@ def _accelerate() -> str:
     return str(local) if local.exists() else shutil.which("accelerate") or "accelerate"
 
 
-def launch(
-    recipe: str,
-    script_args: list[str],
-    out_dir: Path,
-    script: Path = TRAIN_TINY,
-    num_processes: int = 2,
-    cpu: bool = True,
-    timeout: int = 900,
-) -> dict:
-    """Run `script` under `accelerate launch --config_file recipes/accelerate/<recipe>.yaml` on
-    `num_processes` processes (CPU ones with the overrides above, unless `cpu=False`) and return
-    the JSON it writes to `--out`."""
-    out = Path(out_dir) / f"{recipe}-result.json"
-    cmd = [
+def accelerate_launch(recipe: str, num_processes: int = 2, cpu: bool = True) -> list[str]:
+    """`accelerate launch` through `RECIPES/<recipe>.yaml` on `num_processes` processes (with the
+    CPU overrides above, unless `cpu=False`; the environment's part is `CPU_ENV`), before the script."""
+    return [
         _accelerate(),
         "launch",
         "--config_file",
@@ -76,11 +68,23 @@ def launch(
         "--main_process_port",
         str(_free_port()),
         *(CPU_FLAGS if cpu else []),
-        str(script),
-        "--out",
-        str(out),
-        *script_args,
     ]
+
+
+def launch(
+    recipe: str,
+    script_args: list[str],
+    out_dir: Path,
+    script: Path = TRAIN_TINY,
+    num_processes: int = 2,
+    cpu: bool = True,
+    timeout: int = 900,
+) -> dict:
+    """Run `script` under `accelerate launch --config_file tike_trl/recipes/accelerate/<recipe>.yaml`
+    on `num_processes` processes (CPU ones with the overrides above, unless `cpu=False`) and return
+    the JSON it writes to `--out`."""
+    out = Path(out_dir) / f"{recipe}-result.json"
+    cmd = [*accelerate_launch(recipe, num_processes, cpu), str(script), "--out", str(out), *script_args]
     proc = subprocess.run(
         cmd, cwd=REPO, env={**os.environ, **(CPU_ENV if cpu else {})}, capture_output=True, text=True, timeout=timeout
     )

@@ -1,4 +1,4 @@
-"""The accelerate recipes (recipes/accelerate/*.yaml) launch TIKEGRPOTrainer on 2 processes.
+"""The accelerate recipes (tike_trl/recipes/accelerate/*.yaml) launch TIKEGRPOTrainer on 2 processes.
 
 Each launch runs 2 steps on a tiny model with a deterministic rollout and must (a) really run 2
 processes (a CPU launch can silently run one, or two independent ones), (b) use the recipe's

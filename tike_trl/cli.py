@@ -1,5 +1,7 @@
-"""The `tike-trl` command. Each subcommand is a module with `add_arguments(parser)` and
-`run(args) -> int`, registered in `COMMANDS`; bad input (`InputError`) is reported on one line."""
+"""The `tike-trl` command. Each subcommand is a module registered in `COMMANDS` with `run(args) -> int`
+and either `add_arguments(parser)` (argparse) or, parsing its own arguments like TRL's scripts,
+`make_parser()`: it then gets everything after its name as `args.argv`. Bad input (`InputError`)
+is reported on one line."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from .errors import InputError
 
 # subcommand -> module implementing it
 COMMANDS = {
-    "train": "tike_trl.scripts.train",
+    "train": "tike_trl.scripts.grpo",
     "analyze": "tike_trl.analysis.command",
+    "recipes": "tike_trl.recipes",
 }
 
 
@@ -25,19 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or "").strip()
+        own_parser = hasattr(module, "make_parser")
         sub = subcommands.add_parser(
             name,
             help=doc.splitlines()[0] if doc else None,
             description=doc.split("\n\n")[0],
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            add_help=not own_parser,  # its own parser answers --help
         )
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        if not own_parser:
+            module.add_arguments(sub)
+        sub.set_defaults(run=module.run, own_parser=own_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.own_parser:
+        args.argv = argv[argv.index(args.command) + 1 :]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.run(args)
     except InputError as err:

@@ -6,7 +6,7 @@ per-step loss, grad_norm, kl (and kl/topk_mass, reward). `--rollout deterministi
 sampling by completions that depend only on the prompt and on which repeat of it they are, so
 that runs with different process counts see the same global batch.
 
-    accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 2 \
+    accelerate launch --config_file tike_trl/recipes/accelerate/zero3.yaml --num_processes 2 \
         tests/scripts/train_tiny.py --model-dir DIR --out result.json --kl-estimator tike
 """
 

@@ -1,21 +1,38 @@
-"""Training data: the embedded arithmetic task, generated in code, and user datasets with a
-prompt and an answer per row (a local JSON/JSONL file or a Hugging Face Hub dataset).
+"""Training data, in TRL's conventions: the embedded arithmetic task, generated in code, or any
+dataset TRL's GRPO script loads (`dataset_name`, or a `datasets:` mixture through TRL's
+`DatasetMixtureConfig` and `get_dataset`), plus local .json/.jsonl/.csv/.parquet files.
 
-Every dataset comes out in TRL's conversational format: `prompt` is a list of chat messages, so
-TRL applies the model's chat template, and `answer` is a string that the reward functions in
-`tike_trl.rewards` receive as a keyword argument.
+Every column reaches the reward functions unchanged, as a keyword argument (TRL passes all but
+the prompt). The one change: the prompt becomes conversational (a plain-string prompt becomes one
+user message), so that TRL applies the model's chat template, and so that completions are
+messages, as `trl.rewards.accuracy_reward` expects.
 """
 
 from __future__ import annotations
 
+import inspect
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
-from datasets import Dataset, Value
+from datasets import Dataset, DatasetDict, IterableDataset
 
 from ..errors import InputError
+from ..rewards import REFERENCE_COLUMNS, REWARDS, find_reference_column
 
 ARITHMETIC_TEMPLATE = "What is {question}? Reply with the number only."
+# local files by extension, and the `datasets` builder that reads them
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# keyword arguments GRPOTrainer passes to every reward function besides the dataset's columns
+TRAINER_REWARD_KWARGS = {
+    "prompts",
+    "completions",
+    "completion_ids",
+    "trainer_state",
+    "log_extra",
+    "log_metric",
+    "environments",
+}
 
 
 def arithmetic_problems(n: int, seed: int = 0, max_operand: int = 9, operations: str = "+") -> list[tuple[str, int]]:
@@ -35,7 +52,7 @@ def arithmetic_problems(n: int, seed: int = 0, max_operand: int = 9, operations:
 
 
 def arithmetic_dataset(n: int = 2000, seed: int = 0, max_operand: int = 9, operations: str = "+") -> Dataset:
-    """The embedded task: chat prompts asking for the number only, with the exact answer.
+    """The embedded task: chat prompts asking for the number only, with the exact `answer`.
 
     SmolLM2-135M-Instruct gets about a quarter of single-digit sums right at temperature 1 (and
     much less with two-digit operands), so the reward has room to rise within minutes on a CPU.
@@ -49,74 +66,125 @@ def arithmetic_dataset(n: int = 2000, seed: int = 0, max_operand: int = 9, opera
     )
 
 
-def load_prompt_answer_dataset(
-    source: str,
-    split: str = "train",
-    config: str | None = None,
-    prompt_column: str = "prompt",
-    answer_column: str = "answer",
-) -> Dataset:
-    """Load `source` (a local .json/.jsonl file, a local dataset folder, or a Hub id) as prompt/answer rows.
+def arithmetic_splits(n: int = 2000, seed: int = 0, max_operand: int = 9, operations: str = "+") -> DatasetDict:
+    """The embedded task as `train` (n rows) and `test` (n // 10 rows, another seed) splits."""
+    return DatasetDict(
+        {
+            "train": arithmetic_dataset(n, seed, max_operand, operations),
+            "test": arithmetic_dataset(max(1, n // 10), seed + 1, max_operand, operations),
+        }
+    )
 
-    Columns are renamed to `prompt` and `answer`; verl-style datasets such as DAPO-Math-17k, whose
-    answer sits in `reward_model.ground_truth`, are recognised. A plain-string prompt becomes one
-    user message, so that instruct models see their chat template.
-    """
+
+def load_splits(
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    streaming: bool = False,
+    mixture=None,
+) -> DatasetDict:
+    """All splits of the dataset, as TRL's GRPO script loads them: a `datasets:` mixture (TRL's
+    `DatasetMixtureConfig`) wins over `dataset_name`, which is a Hub id, a local dataset folder
+    or a local .json/.jsonl/.csv/.parquet file (one `train` split)."""
     from datasets import load_dataset
+    from trl import get_dataset
 
-    path = Path(source).expanduser()
+    source = "the datasets mixture" if mixture is not None and mixture.datasets else repr(dataset_name)
     try:
-        if path.suffix in (".json", ".jsonl"):
+        if mixture is not None and mixture.datasets:
+            return get_dataset(mixture)
+        path = Path(dataset_name).expanduser()
+        if path.suffix in FILE_BUILDERS:
             if not path.is_file():
-                raise InputError(f"dataset {source!r}: no such file")
-            dataset = load_dataset("json", data_files=str(path), split="train")
-        else:
-            dataset = load_dataset(str(path) if path.exists() else source, config, split=split)
+                raise InputError(f"dataset {dataset_name!r}: no such file")
+            return load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), streaming=streaming)
+        return load_dataset(str(path) if path.exists() else dataset_name, dataset_config, streaming=streaming)
     except InputError:
         raise
     except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ArrowInvalid...)
-        raise InputError(f"dataset {source!r} could not be loaded: {_first_line(err)}") from err
-    return as_prompt_answer(dataset, source, prompt_column, answer_column)
+        raise InputError(f"dataset {source} could not be loaded: {_first_line(err)}") from err
 
 
-def as_prompt_answer(
-    dataset: Dataset, source: str = "dataset", prompt_column: str = "prompt", answer_column: str = "answer"
-) -> Dataset:
-    """Check and normalise a dataset to conversational `prompt` and string `answer` columns."""
-    columns = dataset.column_names
-    if answer_column not in columns and answer_column == "answer" and "reward_model" in columns:
-        dataset = dataset.map(lambda row: {"answer": str(row["reward_model"]["ground_truth"])})
-    else:
-        dataset = _rename(dataset, answer_column, "answer")
-    dataset = _rename(dataset, prompt_column, "prompt")
-    missing = [
-        wanted
-        for wanted, name in (("prompt", prompt_column), ("answer", answer_column))
-        if wanted not in dataset.column_names
-    ]
-    if missing:
+def split(splits: DatasetDict, name: str, source: str, why: str = "") -> Dataset:
+    """One split, or one line naming the splits there are."""
+    if name not in splits:
+        raise InputError(f"dataset {source} has no {name!r} split{why} (splits: {', '.join(splits)})")
+    return splits[name]
+
+
+def with_conversational_prompt(dataset: Dataset, source: str = "dataset", prompt_column: str = "prompt") -> Dataset:
+    """`dataset` with a conversational `prompt` column, taken from `prompt_column`; every other
+    column (and `prompt_column` itself) unchanged."""
+    columns = _column_names(dataset)
+    if prompt_column not in columns:
         raise InputError(
-            f"dataset {source!r} has no {' or '.join(repr(m) for m in missing)} column "
-            f"(columns: {', '.join(columns)}); it needs one prompt and one answer per row"
+            f"dataset {source} has no {prompt_column!r} column (columns: {', '.join(columns)}); "
+            "it needs a prompt per row (prompt_column names another column)"
         )
-    if len(dataset) == 0:
-        raise InputError(f"dataset {source!r} has no rows")
-    first = dataset[0]["prompt"]
+    first = _first_row(dataset, source)[prompt_column]
     if isinstance(first, str):
-        dataset = dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-    elif not (isinstance(first, list) and first and isinstance(first[0], dict) and "content" in first[0]):
-        raise InputError(f"dataset {source!r}: 'prompt' must be a string or a list of chat messages")
-    if not isinstance(dataset[0]["answer"], str):
-        dataset = dataset.cast_column("answer", Value("string"))
+        return dataset.map(lambda row: {"prompt": [{"role": "user", "content": row[prompt_column]}]})
+    if not (isinstance(first, list) and first and isinstance(first[0], dict) and "content" in first[0]):
+        raise InputError(f"dataset {source}: {prompt_column!r} must be a string or a list of chat messages")
+    if prompt_column != "prompt":
+        dataset = dataset.map(lambda row: {"prompt": row[prompt_column]})
     return dataset
 
 
-def _rename(dataset: Dataset, name: str, target: str) -> Dataset:
-    if name == target or name not in dataset.column_names:
-        return dataset
-    if target in dataset.column_names:
-        dataset = dataset.remove_columns(target)
-    return dataset.rename_column(name, target)
+def check_reward_columns(dataset: Dataset, reward_funcs: Sequence, answer_column: str | None, source: str) -> None:
+    """One line before training, instead of a TypeError or KeyError at the first step, when a
+    reward needs a column the dataset lacks: ours need a reference column (`answer_column`, or one
+    of `tike_trl.rewards.REFERENCE_COLUMNS`), and any reward's required parameters must be columns."""
+    columns = _column_names(dataset)
+    for func in reward_funcs:
+        if isinstance(func, str):  # a reward model
+            continue
+        name = getattr(func, "__name__", repr(func))
+        if getattr(func, "func", func) in REWARDS.values():  # ours, maybe with answer_column bound
+            column = find_reference_column(columns, answer_column)
+            if column is None:
+                wanted = repr(answer_column) if answer_column else " or ".join(map(repr, REFERENCE_COLUMNS))
+                raise InputError(
+                    f"dataset {source} has no reference column for {name}: it needs {wanted} "
+                    f"(columns: {', '.join(columns)}); set answer_column to the one that holds the answers"
+                )
+            top, *path = column.split(".")
+            value = _first_row(dataset, source)[top]
+            for key in path:
+                if not isinstance(value, dict) or key not in value:
+                    raise InputError(f"dataset {source}: column {top!r} has no {key!r} field (answer_column={column})")
+                value = value[key]
+            continue
+        try:
+            parameters = inspect.signature(func).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        needed = [
+            p.name
+            for p in parameters
+            if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in TRAINER_REWARD_KWARGS
+        ]
+        missing = [p for p in needed if p not in columns]
+        if missing:
+            raise InputError(
+                f"reward {name} reads the dataset column {' and '.join(repr(m) for m in missing)}, which dataset "
+                f"{source} lacks (columns: {', '.join(columns)}); TRL passes each column under its own name"
+            )
+
+
+def _column_names(dataset: Dataset) -> list[str]:
+    names = dataset.column_names
+    if names is None and isinstance(dataset, IterableDataset):  # a stream with unknown features
+        names = list(_first_row(dataset, "stream"))
+    return list(names)
+
+
+def _first_row(dataset: Dataset, source: str) -> dict:
+    try:
+        return dataset[0] if isinstance(dataset, Dataset) else next(iter(dataset))
+    except (IndexError, StopIteration):
+        raise InputError(f"dataset {source} has no rows") from None
 
 
 def _first_line(err: BaseException) -> str:
