@@ -45,6 +45,9 @@ WHEELS = {
     "annotated-types": "0.8.0",  # pydantic
     "typing-inspection": "0.4.5",  # pydantic
     "typing-extensions": "4.16.0",  # pydantic needs >= 4.16; the image's version is unknown
+    "math-verify": "0.9.0",  # tike-trl's math rewards
+    "latex2sympy2-extended": "1.11.0",  # math-verify
+    "antlr4-python3-runtime": "4.13.2",  # latex2sympy2-extended
 }
 BUILT = {"deepspeed": "0.19.8"}  # source archive only on PyPI: built here, no ops
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
