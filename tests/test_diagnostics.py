@@ -287,9 +287,10 @@ def test_gradient_spread_and_baselines():
         assert spread[f"rb-{kind}"]["total_var"] == pytest.approx(0.0, abs=1e-12)
     assert spread["rb-seq"]["cos_to_exact"] == pytest.approx(1.0)
     assert spread["rb-seq-loo"]["cos_to_exact"] == spread["rb-seq-mean"]["cos_to_exact"]  # the same expectation
-    effects = diagnostics.baseline_effects(spread)
+    effects = diagnostics.baseline_effects(spread, [spread, spread])
     assert effects["k3"]["relative"]["seq-loo"]["total_var"] == pytest.approx(0.0, abs=1e-12)
     assert effects["k3"]["lowest_total_var"] in ("seq-loo", "seq-mean")
+    assert effects["k3"]["wins"] == {"seq-loo": 2, "seq-mean": 2}
 
     # a future KL that is pure noise, independent of the score: baselines only add variance
     future = torch.randn(n, length, generator=g, dtype=torch.float64)

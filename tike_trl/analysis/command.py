@@ -38,8 +38,8 @@ from .sampling import (
 )
 
 DEFAULT_KS = (8, 16, 64, 256)
-# the bootstrap draws their own stream (seed + this), so the sampled pool does not depend on what
-# the analysis resamples (e.g. on --no-gradients or on the rows of the gradient section)
+# the bootstraps draw their own streams (seed + 1 or 2 times this), so that neither the sampled pool
+# nor the bias-variance section depends on the gradient section (--no-gradients, or its rows)
 RESAMPLING_SEED_OFFSET = 1_000_003
 
 
@@ -159,7 +159,8 @@ def run_analysis(config: AnalysisConfig, tokenizer=None, prompts: list | None = 
         )
     prompt_ids = [encode_prompt(p, models.tokenizer) for p in prompts]
     generator = torch.Generator().manual_seed(config.seed)
-    resampling = torch.Generator().manual_seed(config.seed + RESAMPLING_SEED_OFFSET)
+    value_resampling = torch.Generator().manual_seed(config.seed + RESAMPLING_SEED_OFFSET)
+    gradient_resampling = torch.Generator().manual_seed(config.seed + 2 * RESAMPLING_SEED_OFFSET)
     sizes = bootstrap_sizes(config.pool)
     ks = sorted(set(config.ks) | {config.tike_k})
 
@@ -174,12 +175,14 @@ def run_analysis(config: AnalysisConfig, tokenizer=None, prompts: list | None = 
                 {
                     "prompt": _prompt_text(prompt),
                     "mean_length": pool.layout.sum(1).float().mean().item(),
-                    **diagnostics.bias_variance(scores.sequence_values, sizes, config.bootstrap, resampling),
+                    **diagnostics.bias_variance(scores.sequence_values, sizes, config.bootstrap, value_resampling),
                 }
             )
             if scores.gradients is not None:
                 grad_spreads.append(
-                    diagnostics.gradient_spread(scores.gradients, config.grad_batch, config.bootstrap, resampling)
+                    diagnostics.gradient_spread(
+                        scores.gradients, config.grad_batch, config.bootstrap, gradient_resampling
+                    )
                 )
             if profile is None:
                 profile = _profile(
@@ -292,7 +295,7 @@ def _summarise_gradients(per_prompt: list[dict], batch: int) -> dict:
         "unbiased_sequence": list(diagnostics.UNBIASED_ESTIMATORS),
         "prompts": per_prompt,
         "summary": summary,
-        "baselines": diagnostics.baseline_effects(summary),
+        "baselines": diagnostics.baseline_effects(summary, per_prompt),
     }
 
 

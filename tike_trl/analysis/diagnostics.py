@@ -278,9 +278,10 @@ def gradient_spread(parts: GradientParts, batch: int, draws: int, generator: tor
     """For each GRADIENT_ESTIMATORS row, over `draws` batches of `batch` sequences drawn with
     replacement (the same batches for every row): the mean and variance of the batch gradient's norm
     (the Rao-Blackwellized paper's measure), the total variance E‖ḡ − E ḡ‖², and the cosine between
-    the expected batch gradient and the exact one's: rb's pool mean for the token-level rows, rb-seq's
-    for the sequence-level ones. The expected leave-one-out gradient under this resampling is that of
-    the pool-mean baseline (the other members are independent of the sequence), so it is used."""
+    the expected batch gradient and the exact one's: rb's pool mean for the token-level rows (history
+    fixed), rb-seq's for the sequence-level ones; and, for every row, the cosine with rb-seq's (the
+    gradient of the sequence KL itself). The expected leave-one-out gradient under this resampling is
+    that of the pool-mean baseline (the other members are independent of the sequence), so it is used."""
     idx = torch.randint(0, len(parts.score), (draws, batch), generator=generator)
     rows = per_sequence_gradients(parts)
     expected = {name: g.mean(0) for name, g in rows.items()}
@@ -297,27 +298,33 @@ def gradient_spread(parts: GradientParts, batch: int, draws: int, generator: tor
             "norm_var": norms.var().item(),
             "total_var": (means - means.mean(0)).pow(2).sum(-1).mean().item(),
             "cos_to_exact": F.cosine_similarity(expected[name], exact, dim=0).item(),
+            "cos_to_sequence": F.cosine_similarity(expected[name], expected["rb-seq"], dim=0).item(),
         }
     return out
 
 
-def baseline_effects(spread: dict) -> dict:
-    """Per value estimator, from a `gradient_spread` (or its average): the sequence-level rows'
-    total variance and norm variance relative to no baseline, and the kind with the lowest total
-    variance."""
+def baseline_effects(summary: dict, per_prompt: Sequence[dict] = ()) -> dict:
+    """Per value estimator, from a `gradient_spread` averaged over prompts (`summary`): the total
+    variance and norm variance of its sequence-level rows with a baseline relative to no baseline,
+    the kind with the lowest total variance, and on how many of the `per_prompt` spreads each
+    baseline has the lower total variance."""
     out = {}
     for name in VALUE_ESTIMATORS:
-        base = spread[gradient_name(name, "seq")]
-        ratios = {}
+        base = summary[gradient_name(name, "seq")]
+        relative, wins = {}, {}
         for kind in ("seq-loo", "seq-mean"):
-            row = spread[gradient_name(name, kind)]
-            ratios[kind] = {
-                "total_var": row["total_var"] / base["total_var"] if base["total_var"] else float("nan"),
-                "norm_var": row["norm_var"] / base["norm_var"] if base["norm_var"] else float("nan"),
+            row = summary[gradient_name(name, kind)]
+            relative[kind] = {
+                metric: row[metric] / base[metric] if base[metric] else float("nan")
+                for metric in ("total_var", "norm_var")
             }
+            wins[kind] = sum(
+                p[gradient_name(name, kind)]["total_var"] < p[gradient_name(name, "seq")]["total_var"]
+                for p in per_prompt
+            )
         kinds = ("seq", "seq-loo", "seq-mean")
-        lowest = min(kinds, key=lambda kind: spread[gradient_name(name, kind)]["total_var"])
-        out[name] = {"relative": ratios, "lowest_total_var": lowest}
+        lowest = min(kinds, key=lambda kind: summary[gradient_name(name, kind)]["total_var"])
+        out[name] = {"relative": relative, "lowest_total_var": lowest, "wins": wins}
     return out
 
 
