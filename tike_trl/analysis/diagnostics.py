@@ -143,8 +143,8 @@ class GradientParts:
 
 def score_gradient(score: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
     """Σ_t C_t·coefficient_t per sequence ([..., L, P], [..., L] -> [..., P], float64): the gradient
-    of Σ_t `score_term`(log π(o_t), coefficient_t). Composing it from the score gradients C_t
-    costs one backward for every estimator and baseline instead of one each."""
+    of Σ_t `score_term`(log π(o_t), coefficient_t). Composed from the score gradients C_t, one
+    backward serves every estimator and baseline, instead of one backward each."""
     return torch.einsum("...lp,...l->...p", score.double(), coefficient.double())
 
 
