@@ -8,7 +8,7 @@ import json
 import pytest
 from tiny import WORDS, prompt_dataset, save_tiny_model
 
-from tike_trl.analysis import sampling
+from tike_trl.analysis import diagnostics, sampling
 from tike_trl.analysis.command import AnalysisConfig, run_analysis
 from tike_trl.analysis.report import write_report
 from tike_trl.cli import main
@@ -66,12 +66,34 @@ def test_rb_has_the_smallest_variance_of_the_unbiased_estimators(results):
 
 
 def test_gradient_spread(results):
-    grads = results["gradient"]["summary"]
+    gradient = results["gradient"]
+    grads = gradient["summary"]
     assert results["setup"]["gradient_parameters"] == {"name": "model.norm.weight", "numel": 16}
+    assert list(grads) == list(diagnostics.GRADIENT_ESTIMATORS) and len(gradient["prompts"]) == 3
     assert grads["rb"]["cos_to_exact"] == pytest.approx(1.0) and grads["rb-seq"]["cos_to_exact"] == pytest.approx(1.0)
+    assert grads["rb-seq"]["cos_to_sequence"] == pytest.approx(1.0)
     # the exact estimator's gradient varies only through the sampled histories
     assert grads["rb"]["total_var"] < grads["k1"]["total_var"]
     assert grads["rb"]["total_var"] < grads["tike-mc"]["total_var"]
+    # the sequence level adds the score term of the future KL: more variance than rb's token level
+    assert grads["rb-seq"]["total_var"] > grads["rb"]["total_var"]
+    for name in diagnostics.VALUE_ESTIMATORS:
+        effect = gradient["baselines"][name]
+        assert effect["lowest_total_var"] in ("seq", "seq-loo", "seq-mean")
+        assert all(0 <= wins <= 3 for wins in effect["wins"].values())
+
+
+def test_the_pool_does_not_depend_on_the_resampling(models):
+    """The bootstrap draws its own random stream: skipping the gradient section leaves the sampled
+    pool, and so every coverage number, unchanged."""
+    ref, policy = models
+    options = dict(policy=str(policy), ref=str(ref), prompts=2, pool=6, completion_len=4, ks=(2,), tike_k=2)
+    runs = [
+        run_analysis(AnalysisConfig(**options, bootstrap=20, gradients=gradients), prompts=prompt_dataset(2)["prompt"])
+        for gradients in (True, False)
+    ]
+    assert runs[0]["coverage"] == runs[1]["coverage"]
+    assert runs[0]["bias_variance"] == runs[1]["bias_variance"]
 
 
 def test_report_files(results, tmp_path):
@@ -82,11 +104,14 @@ def test_report_files(results, tmp_path):
         "coverage.png",
         "bias_variance.png",
         "token_profile.png",
+        "gradient_variance.png",
     }
     assert all(p.stat().st_size > 1000 for p in paths)
     report = (tmp_path / "report.md").read_text()
     for heading in ("Top-k coverage", "Bias and variance", "Gradient variance", "probability profile"):
         assert heading in report
+    for row in ("| tike-mc | yes |", "| tike-drop | no |", "| mc (k1-seq − k1) | yes | — |", "| rb-seq-loo |"):
+        assert row in report
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["coverage"]["table"]["4"]["all"]["mean_mass"] == results["coverage"]["table"][4]["all"]["mean_mass"]
     profile = results["profile"]
@@ -161,6 +186,7 @@ def test_cli_end_to_end(models, tmp_path):
         (["--pool", "1"], "pool=1 must be at least 2"),
         (["--k", "0"], "k=[0] must be one or more integers >= 1"),
         (["--temperature", "0"], "temperature=0.0 must be > 0"),
+        (["--grad-batch", "1"], "grad_batch=1 must be at least 2"),
     ],
 )
 def test_cli_rejects_bad_input(args, message, capsys):

@@ -1,6 +1,7 @@
 """The math of `tike-trl analyze` (tike_trl/analysis/diagnostics.py) on random logits and by exact
-enumeration: truncation identities, per-sequence gradients, the sequence-level gradient
-estimators, and what "rb has the smallest variance" does and does not guarantee."""
+enumeration: truncation identities, per-sequence gradients, the sequence-level gradients (against
+the dense oracle `sequence_kl_surrogate`, and unbiased by enumeration), the leave-one-out baseline
+over a batch, and what "rb has the smallest variance" does and does not guarantee."""
 
 import itertools
 import math
@@ -9,8 +10,14 @@ import pytest
 import torch
 from tabular import T, V, exact_sequence_kl, histories, seq_logprob, tables
 
-from tike_trl import kl_estimate
+from tike_trl import kl_estimate, sequence_kl_surrogate
 from tike_trl.analysis import diagnostics
+from tike_trl.estimators import score_term
+
+SEQUENCE_UNBIASED = [
+    *(diagnostics.gradient_name(e, kind) for e in diagnostics.UNBIASED_ESTIMATORS for kind in ("seq", "seq-mean")),
+    diagnostics.MC_SEQUENCE,
+]
 
 
 def _random_logits(n=64, vocab=50, seed=0):
@@ -52,46 +59,141 @@ def test_coverage_table_regimes():
     assert table[16]["all"]["mean_mass"] >= table[4]["all"]["mean_mass"]
 
 
-def test_reward_to_go():
-    layout = torch.tensor([[True, True, True], [True, False, False]])
-    values = torch.tensor([1.0, 2.0, 3.0, 10.0])
-    torch.testing.assert_close(
-        diagnostics.reward_to_go(values, layout, inclusive=True), torch.tensor([6.0, 5.0, 3.0, 10.0])
+class _TinyModel:
+    """Logits = (hidden · w) @ head.T for a scale w on the hidden states (as the final norm's weight):
+    S = 4 sequences of lengths 4, 3, 4, 2 (L = 4), flattened row-major as `score_chunk` expects."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        self.layout = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+        n, vocab, dim = int(self.layout.sum()), 30, 6
+        self.hidden, self.head = torch.randn(n, dim, generator=g), torch.randn(vocab, dim, generator=g)
+        self.weight = torch.rand(dim, generator=g) + 0.5
+        self.ref = self.hidden @ self.head.T + torch.randn(n, vocab, generator=g)
+        self.sampled = torch.randint(0, vocab, (n,), generator=g)
+        self.rows = list(self.layout.sum(1).cumsum(0) - self.layout.sum(1))  # first flat position of each sequence
+
+    def logits(self, w):
+        """[n, V]; `w` is [P] (shared), [n, P] (one copy per position) or None (the weight itself)."""
+        return (self.hidden * (self.weight if w is None else w)) @ self.head.T
+
+    def dense(self, w, sequences):
+        """Policy logits, reference logits, ids and mask of `sequences` padded to [len, L(, V)]."""
+        length, vocab = self.layout.shape[1], self.ref.shape[1]
+        flat_of = torch.full(self.layout.shape, -1).masked_scatter(self.layout, torch.arange(int(self.layout.sum())))
+        idx = flat_of[sequences]  # [B, L], -1 at padding
+        pad = idx < 0
+        logits = self.logits(w)[idx.clamp(min=0)].masked_fill(pad[..., None], 0.0)
+        ref = self.ref[idx.clamp(min=0)].masked_fill(pad[..., None], 0.0)
+        ids = self.sampled[idx.clamp(min=0)].masked_fill(pad, 0)
+        assert logits.shape == (len(sequences), length, vocab)
+        return logits, ref, ids, (~pad).float()
+
+
+def _surrogate_options(name):
+    estimator, _, tail = name.partition("-")
+    return dict(estimator=estimator, top_k=2, tail=tail or "sampled")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = _TinyModel()
+    scores = diagnostics.score_chunk(
+        model.logits, model.weight, model.ref, model.sampled, model.layout, (2, 8), top_k=2
     )
-    torch.testing.assert_close(
-        diagnostics.reward_to_go(values, layout, inclusive=False), torch.tensor([5.0, 3.0, 0.0, 0.0])
+    return model, scores
+
+
+def test_score_chunk_per_sequence_gradients(tiny):
+    """Each sequence's token-level gradient is the gradient of that sequence's loss alone, for a
+    parameter shared by every position (here: a scale on the hidden states, as the final norm's weight)."""
+    model, scores = tiny
+    parts = scores.gradients
+    assert parts.score.shape == (4, 4, 6) and set(parts.token) == set(parts.future) == set(
+        diagnostics.VALUE_ESTIMATORS
     )
-
-
-def test_score_chunk_per_sequence_gradients():
-    """Each sequence's gradient is the gradient of that sequence's loss alone, for a parameter
-    shared by every position (here: a scale on the hidden states, as the final norm's weight)."""
-    g = torch.Generator().manual_seed(1)
-    hidden, head = torch.randn(7, 6, generator=g), torch.randn(30, 6, generator=g)
-    weight = torch.rand(6, generator=g) + 0.5
-    ref_logits = hidden @ head.T + torch.randn(7, 30, generator=g)
-    layout = torch.tensor([[True, True, True, True], [True, True, True, False]])
-    sampled = torch.randint(0, 30, (7,), generator=g)
-
-    def logits_fn(w, rows=slice(None)):
-        return (hidden[rows] * (weight if w is None else w)) @ head.T
-
-    scores = diagnostics.score_chunk(logits_fn, weight, ref_logits, sampled, layout, (2, 8), top_k=2)
-    assert set(scores.sequence_grads) == set(diagnostics.GRADIENT_ESTIMATORS)
-    for s, rows in enumerate((slice(0, 4), slice(4, 7))):
-        w = weight.clone().requires_grad_()
-        logits = logits_fn(w, rows)
+    assert (parts.score[~model.layout] == 0).all() and all(
+        (f[~model.layout] == 0).all() for f in parts.future.values()
+    )
+    for s, length in enumerate(model.layout.sum(1).tolist()):
+        rows = slice(model.rows[s], model.rows[s] + length)
+        w = model.weight.clone().requires_grad_()
+        logits = model.logits(w)[rows]
         for name in ("k1", "rb", "tike-mc"):
-            value = diagnostics.token_estimate(name, logits, ref_logits[rows], sampled[rows], 2)
+            value = diagnostics.token_estimate(name, logits, model.ref[rows], model.sampled[rows], 2)
             torch.testing.assert_close(scores.sequence_values[name][s], value.sum().detach())
-            torch.testing.assert_close(
-                scores.sequence_grads[name][s], torch.autograd.grad(value.sum(), w, retain_graph=True)[0]
-            )
-        one = layout[s : s + 1]
-        k1 = kl_estimate(logits, ref_logits[rows], sampled[rows], "k1").detach()
-        rb = kl_estimate(logits, ref_logits[rows], sampled[rows], "rb")
-        surrogate = diagnostics.sequence_surrogate("rb-seq", logits, sampled[rows], one, k1, rb.detach(), rb)
-        torch.testing.assert_close(scores.sequence_grads["rb-seq"][s], torch.autograd.grad(surrogate.sum(), w)[0])
+            torch.testing.assert_close(parts.token[name][s], torch.autograd.grad(value.sum(), w, retain_graph=True)[0])
+
+
+@pytest.mark.parametrize("name", diagnostics.VALUE_ESTIMATORS)
+def test_sequence_gradients_equal_the_dense_surrogate(tiny, name):
+    """<est>-seq is autograd of `sequence_kl_surrogate` for each sequence; <est>-seq-mean subtracts
+    the score term of the pool's mean future KL; <est>-seq-loo, composed from the per-sequence
+    pieces, is the gradient of the surrogate's leave-one-out over a batch (a repeated member included)."""
+    model, scores = tiny
+    rows = diagnostics.per_sequence_gradients(scores.gradients)
+    baseline = scores.gradients.future[name].mean(0)
+    for s in range(4):
+        w = model.weight.clone().requires_grad_()
+        logits, ref, ids, mask = model.dense(w, torch.tensor([s]))
+        surrogate = sequence_kl_surrogate(logits, ref, ids, mask, **_surrogate_options(name)).sum()
+        dense = torch.autograd.grad(surrogate, w, retain_graph=True)[0]
+        torch.testing.assert_close(
+            rows[diagnostics.gradient_name(name, "seq")][s].float(), dense, atol=1e-5, rtol=1e-4
+        )
+        logp_o = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+        dense_mean = dense - torch.autograd.grad((score_term(logp_o, baseline.expand_as(logp_o)) * mask).sum(), w)[0]
+        torch.testing.assert_close(
+            rows[diagnostics.gradient_name(name, "seq-mean")][s].float(), dense_mean, atol=1e-5, rtol=1e-4
+        )
+    batches = torch.tensor([[0, 2, 2, 3], [1, 0, 3, 2], [3, 3, 1, 1]])
+    loo = diagnostics.loo_batch_gradients(scores.gradients, batches, max_elements=1)[f"{name}-seq-loo"]
+    for b, members in enumerate(batches):
+        w = model.weight.clone().requires_grad_()
+        logits, ref, ids, mask = model.dense(w, members)
+        surrogate = sequence_kl_surrogate(logits, ref, ids, mask, group_size=4, **_surrogate_options(name)).mean()
+        torch.testing.assert_close(loo[b].float(), torch.autograd.grad(surrogate, w)[0], atol=1e-5, rtol=1e-4)
+    if name == "k1":  # mc-seq is k1-seq without k1's own (zero-mean) gradient
+        torch.testing.assert_close(rows["mc-seq"], rows["k1-seq"] - rows["k1"])
+
+
+def _enumerated_gradients():
+    """Every sequence of the tabular model scored as one chunk (the whole table is the parameter
+    vector, one copy per position): its probabilities, the gradient pieces, and ∇ of the exact KL."""
+    theta, ref = tables()
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=T)))
+    rows = torch.tensor([histories(seq.tolist()) for seq in seqs]).flatten()
+    steps = torch.arange(T).repeat(len(seqs))
+
+    def logits_fn(w):
+        if w is None:
+            return theta[steps, rows]
+        return w.view(-1, *theta.shape)[torch.arange(len(rows)), steps, rows]
+
+    layout = torch.ones(len(seqs), T, dtype=torch.bool)
+    scores = diagnostics.score_chunk(
+        logits_fn, theta.detach().flatten(), ref[steps, rows], seqs.flatten(), layout, (2,), top_k=2
+    )
+    probs = torch.stack([seq_logprob(theta, seq.tolist()).exp().detach() for seq in seqs])
+    exact = torch.autograd.grad(exact_sequence_kl(theta, ref), theta)[0].flatten()
+    return probs, scores.gradients, exact
+
+
+def test_sequence_gradients_are_unbiased():
+    """k1, k3 (with TRL's ratio), rb and tike-mc: the sequence-level gradient, with or without a
+    constant baseline, and with the leave-one-out baseline over i.i.d. pairs, has expectation ∇ of
+    the exact sequence KL (125 sequences, 125² pairs, enumerated); tike-drop's does not."""
+    probs, parts, exact = _enumerated_gradients()
+    rows = diagnostics.per_sequence_gradients(parts)
+    for name in SEQUENCE_UNBIASED:
+        torch.testing.assert_close(probs @ rows[name], exact, atol=1e-10, rtol=1e-8, msg=name)
+    assert (probs @ rows["tike-drop-seq"] - exact).abs().max() > 1e-2
+    assert (probs @ rows["rb"] - exact).abs().max() > 1e-2  # the token level misses the future KL
+    pairs = torch.cartesian_prod(torch.arange(len(probs)), torch.arange(len(probs)))
+    loo = diagnostics.loo_batch_gradients(parts, pairs)
+    weights = probs[pairs[:, 0]] * probs[pairs[:, 1]]
+    for name in diagnostics.UNBIASED_ESTIMATORS:
+        torch.testing.assert_close(weights @ loo[f"{name}-seq-loo"], exact, atol=1e-10, rtol=1e-8, msg=name)
 
 
 def _all_sequences(theta, ref):
@@ -104,21 +206,6 @@ def _all_sequences(theta, ref):
             torch.stack([theta[t, h] for t, h in enumerate(rows)]),
             torch.stack([ref[t, h] for t, h in enumerate(rows)]),
         )
-
-
-@pytest.mark.parametrize("name", diagnostics.SEQUENCE_GRADIENTS)
-def test_sequence_gradients_are_unbiased(name):
-    """mc-seq and rb-seq: expected gradient = ∇ of the exact sequence KL (125 sequences enumerated)."""
-    theta, ref = tables()
-    layout = torch.ones(1, T, dtype=torch.bool)
-    expected = 0
-    for ids, prob, policy, reference in _all_sequences(theta, ref):
-        k1 = kl_estimate(policy, reference, ids, "k1").detach()
-        rb = kl_estimate(policy, reference, ids, "rb")
-        surrogate = diagnostics.sequence_surrogate(name, policy, ids, layout, k1, rb.detach(), rb)
-        expected = expected + prob.detach() * surrogate.sum()
-    exact = torch.autograd.grad(exact_sequence_kl(theta, ref), theta)[0]
-    torch.testing.assert_close(torch.autograd.grad(expected, theta)[0], exact, atol=1e-10, rtol=1e-8)
 
 
 def _sequence_moments(per_token):
@@ -168,14 +255,45 @@ def test_bootstrap_and_gradient_spread():
     assert out["estimators"]["rb"]["std"] == [pytest.approx(0.0, abs=1e-12)] * 2
     std1, std16 = out["estimators"]["k1"]["std"]
     assert std1 == pytest.approx(1.0, rel=0.1) and std16 == pytest.approx(0.25, rel=0.1)  # 1/sqrt(M)
-    grads = {
-        "rb": torch.ones(400, 3),
-        "k1": torch.ones(400, 3) + torch.randn(400, 3, generator=g),
-        "rb-seq": torch.ones(400, 3),
-        "mc-seq": -torch.ones(400, 3),
-    }
-    spread = diagnostics.gradient_spread(grads, batch=4, draws=2000, generator=g)
+    assert (
+        diagnostics.gradient_name("rb", "token") == "rb" and diagnostics.gradient_name("rb", "seq-loo") == "rb-seq-loo"
+    )
+
+
+def _parts(token, score, future):
+    names = diagnostics.VALUE_ESTIMATORS
+    return diagnostics.GradientParts({n: token for n in names}, score, {n: future for n in names})
+
+
+def test_gradient_spread_and_baselines():
+    """A constant token-level gradient has no variance; a future KL that is the same for every
+    sequence is removed exactly by either baseline; a future KL that is noise independent of the
+    score is only made noisier by the leave-one-out baseline."""
+    g = torch.Generator().manual_seed(0)
+    n, length, params = 400, 5, 3
+    score = torch.randn(n, length, params, generator=g, dtype=torch.float64)
+    spread = diagnostics.gradient_spread(
+        _parts(torch.ones(n, params, dtype=torch.float64), score, torch.full((n, length), 2.0, dtype=torch.float64)),
+        batch=4,
+        draws=2000,
+        generator=g,
+    )
+    assert list(spread) == list(diagnostics.GRADIENT_ESTIMATORS)
     assert spread["rb"]["total_var"] == pytest.approx(0.0, abs=1e-12)
-    assert spread["k1"]["total_var"] == pytest.approx(3 / 4, rel=0.15)  # 3 unit-variance coordinates / batch 4
-    assert spread["mc-seq"]["cos_to_exact"] == pytest.approx(-1.0)
     assert spread["rb"]["norm_mean"] == pytest.approx(math.sqrt(3))
+    # Σ_t C_t·2 over 5 positions: variance 4·5 per coordinate, 3 coordinates, batch of 4
+    assert spread["rb-seq"]["total_var"] == pytest.approx(4 * 5 * 3 / 4, rel=0.15)
+    for kind in ("seq-loo", "seq-mean"):
+        assert spread[f"rb-{kind}"]["total_var"] == pytest.approx(0.0, abs=1e-12)
+    assert spread["rb-seq"]["cos_to_exact"] == pytest.approx(1.0)
+    assert spread["rb-seq-loo"]["cos_to_exact"] == spread["rb-seq-mean"]["cos_to_exact"]  # the same expectation
+    effects = diagnostics.baseline_effects(spread, [spread, spread])
+    assert effects["k3"]["relative"]["seq-loo"]["total_var"] == pytest.approx(0.0, abs=1e-12)
+    assert effects["k3"]["lowest_total_var"] in ("seq-loo", "seq-mean")
+    assert effects["k3"]["wins"] == {"seq-loo": 2, "seq-mean": 2}
+
+    # a future KL that is pure noise, independent of the score: baselines only add variance
+    future = torch.randn(n, length, generator=g, dtype=torch.float64)
+    noisy = diagnostics.gradient_spread(_parts(torch.zeros(n, params, dtype=torch.float64), score, future), 4, 2000, g)
+    assert noisy["k1-seq-loo"]["total_var"] > noisy["k1-seq"]["total_var"]
+    assert diagnostics.baseline_effects(noisy)["k1"]["lowest_total_var"] != "seq-loo"

@@ -38,6 +38,9 @@ from .sampling import (
 )
 
 DEFAULT_KS = (8, 16, 64, 256)
+# the bootstraps draw their own streams (seed + 1 or 2 times this), so that neither the sampled pool
+# nor the bias-variance section depends on the gradient section (--no-gradients, or its rows)
+RESAMPLING_SEED_OFFSET = 1_000_003
 
 
 @dataclass
@@ -82,6 +85,8 @@ class AnalysisConfig:
             raise ValueError(f"k={list(self.ks)!r} must be one or more integers >= 1.")
         if self.pool < 2:
             raise ValueError(f"pool={self.pool!r} must be at least 2 sequences per prompt (variances need two).")
+        if self.gradients and self.grad_batch < 2:
+            raise ValueError(f"grad_batch={self.grad_batch!r} must be at least 2 (the leave-one-out baseline).")
         for name in ("temperature", "policy_temperature"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -154,6 +159,8 @@ def run_analysis(config: AnalysisConfig, tokenizer=None, prompts: list | None = 
         )
     prompt_ids = [encode_prompt(p, models.tokenizer) for p in prompts]
     generator = torch.Generator().manual_seed(config.seed)
+    value_resampling = torch.Generator().manual_seed(config.seed + RESAMPLING_SEED_OFFSET)
+    gradient_resampling = torch.Generator().manual_seed(config.seed + 2 * RESAMPLING_SEED_OFFSET)
     sizes = bootstrap_sizes(config.pool)
     ks = sorted(set(config.ks) | {config.tike_k})
 
@@ -168,12 +175,14 @@ def run_analysis(config: AnalysisConfig, tokenizer=None, prompts: list | None = 
                 {
                     "prompt": _prompt_text(prompt),
                     "mean_length": pool.layout.sum(1).float().mean().item(),
-                    **diagnostics.bias_variance(scores.sequence_values, sizes, config.bootstrap, generator),
+                    **diagnostics.bias_variance(scores.sequence_values, sizes, config.bootstrap, value_resampling),
                 }
             )
-            if scores.sequence_grads is not None:
+            if scores.gradients is not None:
                 grad_spreads.append(
-                    diagnostics.gradient_spread(scores.sequence_grads, config.grad_batch, config.bootstrap, generator)
+                    diagnostics.gradient_spread(
+                        scores.gradients, config.grad_batch, config.bootstrap, gradient_resampling
+                    )
                 )
             if profile is None:
                 profile = _profile(
@@ -204,11 +213,7 @@ def run_analysis(config: AnalysisConfig, tokenizer=None, prompts: list | None = 
             "prompts": per_prompt,
             "summary": _summarise_bias_variance(per_prompt),
         },
-        "gradient": (
-            {"batch": config.grad_batch, "prompts": grad_spreads, "summary": _mean_over(grad_spreads)}
-            if grad_spreads
-            else None
-        ),
+        "gradient": _summarise_gradients(grad_spreads, config.grad_batch) if grad_spreads else None,
         "profile": profile,
         "timing": {"sampling_s": sampling_s, "scoring_s": total_s - sampling_s, "total_s": total_s},
     }
@@ -236,13 +241,10 @@ def score_pool(
             )
         )
 
-    def merge(dicts):
-        return None if dicts[0] is None else {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
-
     return diagnostics.ChunkScores(
         diagnostics.PositionStats.cat([p.stats for p in parts]),
-        merge([p.sequence_values for p in parts]),
-        merge([p.sequence_grads for p in parts]),
+        {k: torch.cat([p.sequence_values[k] for p in parts]) for k in parts[0].sequence_values},
+        None if parts[0].gradients is None else diagnostics.GradientParts.cat([p.gradients for p in parts]),
     )
 
 
@@ -280,6 +282,21 @@ def _mean_over(items: list[dict]) -> dict:
     if isinstance(first, list):
         return [sum(col) / len(col) for col in zip(*items)]
     return sum(items) / len(items)
+
+
+def _summarise_gradients(per_prompt: list[dict], batch: int) -> dict:
+    """The gradient section: per prompt and averaged over prompts, and which baseline lowers the
+    variance of each estimator's sequence-level gradient (on the averages)."""
+    summary = _mean_over(per_prompt)
+    return {
+        "batch": batch,
+        "kinds": list(diagnostics.GRADIENT_KINDS),
+        "estimators": list(diagnostics.VALUE_ESTIMATORS),
+        "unbiased_sequence": list(diagnostics.UNBIASED_ESTIMATORS),
+        "prompts": per_prompt,
+        "summary": summary,
+        "baselines": diagnostics.baseline_effects(summary, per_prompt),
+    }
 
 
 def _summarise_bias_variance(per_prompt: list[dict]) -> dict:
@@ -343,7 +360,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grad-batch",
         type=int,
         default=8,
-        help="sequences per resampled batch in the gradient-variance section (default 8).",
+        help="sequences per resampled batch in the gradient-variance section, and the group of the "
+        "leave-one-out baseline (default 8, at least 2).",
     )
     parser.add_argument("--no-gradients", dest="gradients", action="store_false", help="skip the gradient section.")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling and resampling (default 0).")

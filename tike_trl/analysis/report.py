@@ -15,10 +15,16 @@ COLORS = {
     "tike-drop": "tab:red",
     "tike-sampled": "tab:pink",
     "tike-mc": "tab:brown",
-    "mc-seq": "tab:cyan",
-    "rb-seq": "tab:olive",
 }
 TABLE_SIZES = (1, 5, 10)  # the Rao-Blackwellized paper's table reports M = 1, 5, 10
+# the columns of the gradient tables, one per gradient kind
+KIND_LABELS = {"token": "token", "seq": "sequence", "seq-loo": "sequence, LOO", "seq-mean": "sequence, pool mean"}
+KIND_COLORS = {"token": "tab:gray", "seq": "tab:blue", "seq-loo": "tab:orange", "seq-mean": "tab:green"}
+GRADIENT_METRICS = {
+    "total_var": "E‖ḡ − Eḡ‖²",
+    "norm_var": "Var ‖ḡ‖",
+    "cos_to_exact": "cos(Eḡ, exact)",
+}
 
 
 def write_report(results: dict, out_dir: Path) -> list[Path]:
@@ -30,7 +36,10 @@ def write_report(results: dict, out_dir: Path) -> list[Path]:
         ("coverage.png", plot_coverage),
         ("bias_variance.png", plot_bias_variance),
         ("token_profile.png", plot_profile),
+        ("gradient_variance.png", plot_gradient_variance),
     ):
+        if name == "gradient_variance.png" and not results["gradient"]:
+            continue
         fig = plot(results)
         fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
         paths.append(out_dir / name)
@@ -93,12 +102,69 @@ def bias_variance_markdown(results: dict) -> str:
     return _table(["estimator", "unbiased", f"bias (M={sizes[-1]})", *(f"M={m}: mean ± std" for m in cols)], rows)
 
 
-def gradient_markdown(results: dict) -> str:
+def _gradient_name(estimator: str, kind: str) -> str:
+    return estimator if kind == "token" else f"{estimator}-{kind}"
+
+
+def gradient_metric_markdown(results: dict, metric: str) -> str:
+    """One metric of the gradient section: a row per estimator, a column per gradient kind."""
+    grad = results["gradient"]
+    summary, kinds = grad["summary"], grad["kinds"]
     rows = [
-        [name, _num(g["norm_mean"]), _num(g["norm_var"]), _num(g["total_var"]), _num(g["cos_to_exact"])]
+        [name, "yes" if name in grad["unbiased_sequence"] else "no"]
+        + [_num(summary[_gradient_name(name, kind)][metric]) for kind in kinds]
+        for name in grad["estimators"]
+    ]
+    rows.append(["mc (k1-seq − k1)", "yes", "—", _num(summary["mc-seq"][metric]), "—", "—"])
+    return _table(["estimator", "sequence-level unbiased", *(KIND_LABELS[kind] for kind in kinds)], rows)
+
+
+def gradient_all_rows_markdown(results: dict) -> str:
+    """Every row of the gradient section with every statistic."""
+    rows = [
+        [
+            name,
+            _num(g["norm_mean"]),
+            _num(g["norm_var"]),
+            _num(g["total_var"]),
+            _num(g["cos_to_exact"]),
+            _num(g["cos_to_sequence"]),
+        ]
         for name, g in results["gradient"]["summary"].items()
     ]
-    return _table(["estimator", "mean ‖ḡ‖", "Var ‖ḡ‖", "E‖ḡ − Eḡ‖²", "cos(Eḡ, exact)"], rows)
+    return _table(["row", "mean ‖ḡ‖", "Var ‖ḡ‖", "E‖ḡ − Eḡ‖²", "cos(Eḡ, exact)", "cos(Eḡ, rb-seq)"], rows)
+
+
+def baseline_markdown(results: dict) -> str:
+    """Which baseline lowers the sequence-level gradient's variance, per estimator."""
+    grad = results["gradient"]
+    n = len(grad["prompts"])
+    lines = []
+    for name in grad["estimators"]:
+        effect = grad["baselines"][name]
+        parts = [
+            f"{KIND_LABELS[kind].split(', ')[1]} ×{_num(effect['relative'][kind]['total_var'])} "
+            f"(Var ‖ḡ‖ ×{_num(effect['relative'][kind]['norm_var'])}; lower on {effect['wins'][kind]}/{n} prompts)"
+            for kind in ("seq-loo", "seq-mean")
+        ]
+        lowest = effect["lowest_total_var"]
+        verdict = "no baseline is lowest" if lowest == "seq" else f"lowest: {KIND_LABELS[lowest].split(', ')[1]}"
+        lines.append(f"- {name}: {'; '.join(parts)}; {verdict}.")
+    return "\n".join(lines)
+
+
+def gradient_markdown(results: dict) -> str:
+    """The gradient section's tables: total variance, norm variance and cosine, token vs sequence,
+    with and without a baseline; then which baseline helps where."""
+    parts = []
+    for metric, label in GRADIENT_METRICS.items():
+        parts += [f"**{label}**", gradient_metric_markdown(results, metric)]
+    parts += [
+        "**Baselines**: each sequence-level row's total variance relative to no baseline (averaged over prompts), "
+        "and on how many prompts it is lower:",
+        baseline_markdown(results),
+    ]
+    return "\n\n".join(parts)
 
 
 def render_markdown(results: dict) -> str:
@@ -131,15 +197,23 @@ def render_markdown(results: dict) -> str:
     if results["gradient"]:
         g = s["gradient_parameters"]
         parts += [
-            "## Gradient variance",
+            "## Gradient variance: token vs sequence level, with and without a baseline",
             f"Gradient of the batch's KL term with respect to `{g['name']}` ({g['numel']} parameters: the final norm, "
-            f"so that per-sequence gradients come from cached backbone states), over resampled batches of "
-            f"{results['gradient']['batch']} sequences of one prompt, averaged over prompts. Token-level estimators "
-            f"(k1 ... tike-mc) give the gradient the trainer applies (history fixed; k3 with TRL's ratio factor); "
-            f"mc-seq and rb-seq are the sequence-level score-function gradients of the Rao-Blackwellized paper, which "
-            f"include each token's effect on later positions. cos compares the mean gradient with rb's (token-level) "
-            f"or rb-seq's (sequence-level).",
+            f"so that per-sequence gradients come from cached backbone states), over {s['bootstrap']} resampled "
+            f"batches of {results['gradient']['batch']} sequences of one prompt (the same batches for every row), "
+            f"averaged over prompts. *token*: the gradient of Σ_t v_t with the history fixed (k3 with TRL's ratio "
+            f'factor), what a token-level KL loss applies. *sequence* (`kl_gradient="sequence"`): each position '
+            f"adds ∇log π(o_t)·(F_t − b_t), F_t = Σ_{{s>t}} v_s (k1: s ≥ t), so that the gradient is the estimator's "
+            f"sequence-level one, unbiased for ∇KL(π_θ(y)‖π_ref(y)) for k1, k3, rb and tike-mc; b_t = 0, the "
+            f"leave-one-out mean of F_t over the other sequences of the batch (*LOO*), or the pool's mean F_t per "
+            f"position (*pool mean*, the limit of a running mean). mc is k1's sequence gradient without k1's own "
+            f"zero-mean term ∇log π(o_t). cos compares the expected batch gradient with the exact one: rb's pool "
+            f"mean (token level, history fixed) or rb-seq's (sequence level); a LOO row's expectation equals the "
+            f"pool-mean row's.",
             gradient_markdown(results),
+            "![gradient variance](gradient_variance.png)",
+            "All rows (cos(Eḡ, rb-seq): every row against the sequence KL's gradient):",
+            gradient_all_rows_markdown(results),
         ]
     parts += [
         "## Token-level probability profile (TIKE Figure 2)",
@@ -219,4 +293,28 @@ def plot_profile(results: dict) -> Figure:
     ax.set(ylim=(0, 1.05), ylabel="probability under π_θ", title="Token-level probability profile")
     ax.set_xticks(x, [t.replace("Ġ", "␣").replace("Ċ", "⏎") for t in prof["tokens"]], rotation=90, fontsize=7)
     ax.legend(loc="lower left", fontsize=8)
+    return fig
+
+
+def plot_gradient_variance(results: dict) -> Figure:
+    """Per estimator, a bar per gradient kind: total variance and norm variance (log scale) and the
+    cosine with the exact gradient."""
+    grad = results["gradient"]
+    summary, kinds, names = grad["summary"], grad["kinds"], grad["estimators"]
+    fig = Figure(figsize=(15, 3.8))
+    axes = fig.subplots(1, len(GRADIENT_METRICS))
+    width = 0.8 / len(kinds)
+    for ax, (metric, label) in zip(axes, GRADIENT_METRICS.items()):
+        for j, kind in enumerate(kinds):
+            values = [summary[_gradient_name(name, kind)][metric] for name in names]
+            positions = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(names))]
+            ax.bar(positions, values, width, color=KIND_COLORS[kind], label=KIND_LABELS[kind])
+        if metric != "cos_to_exact":
+            ax.set_yscale("log")
+        else:
+            ax.axhline(1.0, color="black", lw=0.8, ls=":")
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        ax.set_title(label)
+    axes[0].set_ylabel(f"batches of {grad['batch']}, mean over prompts")
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return fig
