@@ -21,13 +21,11 @@ plus the time of the tike head (forward + backward) on this machine.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from unittest.mock import patch
 
@@ -39,6 +37,8 @@ from tike_trl.kernels import HeadSpec, RefHead, policy_head, reference_logprobs
 from tike_trl.kernels import policy as kernel_policy
 from tike_trl.kernels import reference as kernel_reference
 from tike_trl.kernels.precise import needs_exact_columns
+
+from .run_files import write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ESTIMATORS = ("k1", "k2", "k3", "rb", "tike-drop", "tike-sampled", "tike-mc")
@@ -241,12 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = run(SMOKE if args.smoke else Setup())
-    now = datetime.now(timezone.utc)
-    stem = f"{now:%Y-%m-%d}-{args.run_name or now.strftime('%H%M%S')}"
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
+    write_run(Path(args.out_dir), args.run_name, result, markdown(result))
     print(markdown(result))
     return result
 

@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from tike_trl.fused_head import KernelStandIn
 
-class NoHead:
+
+class NoHead(KernelStandIn):
     """Stands in for TRL's head kernel (`replace_head_kernel(NoHead())`): a zero log-prob (and
     entropy) per row that still depends on the hidden states, so the backbone's backward runs."""
 
-    @staticmethod
-    def apply(
-        hidden,
-        weight,
-        bias,
-        targets,
-        temperature,
-        chunk_size,
-        softcap=None,
-        logit_scale=1.0,
-        outputs=("log_probs",),
-    ):
+    def run(self, hidden, weight, bias, targets, spec, tiling) -> tuple[torch.Tensor, torch.Tensor]:
         zero = hidden.sum(-1, dtype=torch.float32) * 0.0
-        return zero, (zero.clone() if "entropy" in outputs else None), None, None, None
+        return zero, zero.clone()

@@ -20,11 +20,9 @@ Writes `benchmarks/results/kl_gradient/<UTC date>-<run name>.json` and `.md`, an
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -38,6 +36,8 @@ from tike_trl.estimators import exact_kl
 from tike_trl.models import embedded_model_path
 from tike_trl.rewards import exact_number_reward
 from tike_trl.scripts.data import arithmetic_dataset
+
+from .run_files import write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [(estimator, gradient) for estimator in ("rb", "tike") for gradient in ("token", "sequence")]
@@ -255,12 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
         setup = replace(setup, **smoke)
     with tempfile.TemporaryDirectory() as tmp:
         result = run(setup, Path(args.workdir or tmp))
-    now = datetime.now(timezone.utc)
-    stem = f"{now:%Y-%m-%d}-{args.run_name or now.strftime('%H%M%S')}"
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
+    write_run(Path(args.out_dir), args.run_name, result, markdown(result))
     plot(result, Path(args.plot))
     print(markdown(result))
     return result

@@ -40,7 +40,7 @@ import sys
 import tempfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -58,6 +58,7 @@ from tike_trl.trainer import REF_HIDDEN_STATES
 
 from .heads import NoHead
 from .measure import freed_memory_kept, peak_memory, timed, unique_tensor_bytes
+from .run_files import run_stem
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_KS = (1, 4, 16, 64, 256, 1024)
@@ -477,9 +478,8 @@ def _cpu_model() -> str:
 def run_files(out_dir: Path, mode: str, run_name: str | None = None, now: datetime | None = None) -> tuple[Path, Path]:
     """The JSON and markdown files of one run: `<out_dir>/<mode>/<UTC date>-<run name>.json` and `.md`,
     the run name defaulting to the UTC time (`HHMMSSZ`), so that every run gets its own files."""
-    now = now or datetime.now(timezone.utc)
-    stem = f"{now:%Y-%m-%d}-{run_name or f'{now:%H%M%S}Z'}"
-    return out_dir / mode / f"{stem}.json", out_dir / mode / f"{stem}.md"
+    stem = run_stem(out_dir / mode, run_name, now)
+    return stem.with_suffix(".json"), stem.with_suffix(".md")
 
 
 def run(mode: Mode, files: tuple[Path, Path], plot_path: Path | None) -> dict:

@@ -25,15 +25,15 @@ Writes `benchmarks/results/sequence_gradient_variance/<UTC date>-<run name>.json
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from tike_trl.estimators import SCORE_FROM_OWN_POSITION, future_kl, kl_estimate, sequence_kl_surrogate
+
+from .run_files import write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tabular model of the enumeration tests
@@ -376,12 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "sequence_gradient_variance"))
     args = parser.parse_args(argv)
     result = run(SMOKE if args.smoke else Setup())
-    now = datetime.now(timezone.utc)
-    stem = f"{now:%Y-%m-%d}-{args.run_name or now.strftime('%H%M%S')}"
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
+    write_run(Path(args.out_dir), args.run_name, result, markdown(result))
     print(markdown(result))
     return result
 

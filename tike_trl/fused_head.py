@@ -37,22 +37,10 @@ def replace_head_kernel(head: object) -> Iterator[None]:
         trl_utils._ChunkedLogProbFunction = original
 
 
-def _spec(temperature: float, softcap: float | None, logit_scale: float) -> HeadSpec:
-    return HeadSpec(temperature=temperature, logit_scale=logit_scale, softcap=softcap)
-
-
-def _check_outputs(outputs: tuple[str, ...]) -> None:
-    asked = [name for name in outputs if name in _UNSUPPORTED_OUTPUTS]
-    if asked:
-        raise NotImplementedError(f"The TIKE head computes log_probs and entropy only, not {asked}.")
-
-
-@dataclass
-class ReferenceCapture:
-    """Stands in for TRL's kernel during a reference forward: keeps the reference head's inputs
-    (the scored rows' hidden states, its weight, bias and logit transform) and computes nothing."""
-
-    heads: list[RefHead] = field(default_factory=list)
+class KernelStandIn:
+    """What TRL's fused forward calls in its kernel's place: `apply` takes TRL's kernel arguments
+    and returns its five outputs (log-probs, entropy, and three statistics we never compute); a
+    subclass's `run` gets them as a `HeadSpec` and a `Tiling` and returns (log-probs, entropy)."""
 
     def apply(
         self,
@@ -66,12 +54,30 @@ class ReferenceCapture:
         logit_scale=1.0,
         outputs=("log_probs",),
     ):
-        _check_outputs(outputs)
+        asked = [name for name in outputs if name in _UNSUPPORTED_OUTPUTS]
+        if asked:
+            raise NotImplementedError(f"The TIKE head computes log_probs and entropy only, not {asked}.")
+        spec = HeadSpec(temperature=temperature, logit_scale=logit_scale, softcap=softcap)
+        logprob, entropy = self.run(hidden, weight, bias, targets, spec, Tiling(vocab=chunk_size))
+        return logprob, (entropy if "entropy" in outputs else None), None, None, None
+
+    def run(self, hidden, weight, bias, targets, spec: HeadSpec, tiling: Tiling) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+@dataclass
+class ReferenceCapture(KernelStandIn):
+    """Stands in for TRL's kernel during a reference forward: keeps the reference head's inputs
+    (the scored rows' hidden states, its weight, bias and logit transform) and computes nothing."""
+
+    heads: list[RefHead] = field(default_factory=list)
+
+    def run(self, hidden, weight, bias, targets, spec: HeadSpec, tiling: Tiling) -> tuple[torch.Tensor, torch.Tensor]:
         # in the dtype the head projects in: the same numbers, and no more bytes than needed when kept
         hidden = hidden.detach().to(compute_dtype(hidden))
-        self.heads.append(RefHead(hidden, weight, bias, _spec(temperature, softcap, logit_scale)))
+        self.heads.append(RefHead(hidden, weight, bias, spec))
         zeros = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
-        return zeros, (zeros if "entropy" in outputs else None), None, None, None
+        return zeros, zeros
 
 
 @dataclass
@@ -103,7 +109,7 @@ class LogProbRecorder:
 
 
 @dataclass
-class TIKEHead:
+class TIKEHead(KernelStandIn):
     """Stands in for TRL's kernel during the policy forward of the loss: one pass over the policy
     head (label log-prob, entropy, top-k, and the exact KL when `exact_kl`), then log π_ref at the
     top-k and the label from the captured reference head, recorded per call in `rows`."""
@@ -114,29 +120,12 @@ class TIKEHead:
     top_k_vocab: int | None = None
     rows: list[HeadRows] = field(default_factory=list)
 
-    def apply(
-        self,
-        hidden,
-        weight,
-        bias,
-        targets,
-        temperature,
-        chunk_size,
-        softcap=None,
-        logit_scale=1.0,
-        outputs=("log_probs",),
-    ):
-        _check_outputs(outputs)
+    def run(self, hidden, weight, bias, targets, spec: HeadSpec, tiling: Tiling) -> tuple[torch.Tensor, torch.Tensor]:
         if len(self.rows) >= len(self.refs):
             raise RuntimeError("More policy head calls than captured reference heads: the forwards are misaligned.")
-        spec, ref, tiling = (
-            _spec(temperature, softcap, logit_scale),
-            self.refs[len(self.rows)],
-            Tiling(vocab=chunk_size),
-        )
-        rows = self.evaluate(hidden, weight, bias, targets, spec, ref, tiling)
+        rows = self.evaluate(hidden, weight, bias, targets, spec, self.refs[len(self.rows)], tiling)
         self.rows.append(rows)
-        return rows.logprob, (rows.entropy if "entropy" in outputs else None), None, None, None
+        return rows.logprob, rows.entropy
 
     def evaluate(
         self,

@@ -213,6 +213,27 @@ def _kl_kernel_shift(
     return kl + torch.where(no_kl_grad, 0.0, grad_label / torch.where(no_kl_grad, 1.0, grad_kl))
 
 
+def _logprob_grad_tile(
+    tile: torch.Tensor,
+    rows: slice,
+    start: int,
+    spec: HeadSpec,
+    targets: torch.Tensor,
+    log_z: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_label: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+) -> None:
+    """TRL's log-prob backward kernel on one tile, for these rows: G·(1[j=o] − p_j) and the entropy term."""
+
+    def at_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[rows]
+
+    backward_logprob_tile(
+        tile, targets[rows], log_z[rows], entropy[rows], at_rows(grad_label), at_rows(grad_entropy), start, spec
+    )
+
+
 class _Grads:
     """fp32 accumulators of the head's input gradients, fed one gradient tile at a time."""
 
@@ -299,16 +320,7 @@ class _TopKHead(torch.autograd.Function):
                     sparse = None
                     if weights is not None:
                         sparse = _SparseGrad(tile, rows, start, columns, weights, spec, correction)
-                    backward_logprob_tile(
-                        tile,
-                        targets[rows],
-                        log_z[rows],
-                        entropy[rows],
-                        None if grad_label is None else grad_label[rows],
-                        None if grad_entropy is None else grad_entropy[rows],
-                        start,
-                        spec,
-                    )
+                    _logprob_grad_tile(tile, rows, start, spec, targets, log_z, entropy, grad_label, grad_entropy)
                     if sparse is not None:
                         sparse.add_to(tile)
                     grads.add(tile, h, rows, start, end)
@@ -434,15 +446,8 @@ class _ExactKLHead(torch.autograd.Function):
                             ref_spec,
                         )
                     if shift is None and has_logprob_terms:
-                        backward_logprob_tile(
-                            logprob_tile,
-                            targets[rows],
-                            log_z[rows],
-                            entropy[rows],
-                            None if grad_label is None else grad_label[rows],
-                            None if grad_entropy is None else grad_entropy[rows],
-                            start,
-                            spec,
+                        _logprob_grad_tile(
+                            logprob_tile, rows, start, spec, targets, log_z, entropy, grad_label, grad_entropy
                         )
                         if logprob_tile is not s_tile:
                             s_tile.add_(logprob_tile)

@@ -1,0 +1,23 @@
+"""Where a benchmark run's files go: `<out_dir>/<UTC date>-<run name>.json` and `.md`, the run
+name defaulting to the UTC time, so that every run gets its own files and none is overwritten."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def run_stem(out_dir: Path, run_name: str | None = None, now: datetime | None = None) -> Path:
+    now = now or datetime.now(timezone.utc)
+    return Path(out_dir) / f"{now:%Y-%m-%d}-{run_name or f'{now:%H%M%S}Z'}"
+
+
+def write_run(out_dir: Path, run_name: str | None, result: dict, table: str) -> tuple[Path, Path]:
+    """The result as JSON and its markdown table, side by side; returns both paths."""
+    stem = run_stem(out_dir, run_name)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path.write_text(table)
+    return json_path, md_path
