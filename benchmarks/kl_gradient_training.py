@@ -29,9 +29,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
+from trl.data_utils import maybe_apply_chat_template
 
 from tike_trl import TIKEConfig, TIKEGRPOTrainer
-from tike_trl.analysis.sampling import LanguageModel, encode_prompt, reference_states, sample_pool, stop_ids
 from tike_trl.estimators import exact_kl
 from tike_trl.models import embedded_model_path
 from tike_trl.rewards import exact_number_reward
@@ -47,7 +47,7 @@ CONFIGS = [(estimator, gradient) for estimator in ("rb", "tike") for gradient in
 class Setup:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     beta: float = 0.1
-    steps: int = 24
+    steps: int = 20
     batch: int = 16  # completions per step
     generations: int = 8
     completion_len: int = 8
@@ -66,39 +66,55 @@ def held_out_prompts(setup: Setup) -> tuple[list, list[str]]:
 
 class HeldOutEval(TrainerCallback):
     """Every `eval_every` steps (and before the first), the policy's held-out sequence KL to the
-    reference and its reward, from completions sampled from the policy at the training temperature."""
+    reference and its reward, from completions sampled from the policy at the training temperature
+    (one batched `generate`, then one forward of each model over the sampled completions)."""
 
     def __init__(self, trainer: TIKEGRPOTrainer, setup: Setup, seed: int) -> None:
         self.trainer, self.setup, self.seed = trainer, setup, seed
-        self.prompts, self.answers = held_out_prompts(setup)
+        prompts, answers = held_out_prompts(setup)
+        tokenizer = trainer.processing_class
+        texts = [maybe_apply_chat_template({"prompt": p}, tokenizer)["prompt"] for p in prompts]
+        self.texts = [t for t in texts for _ in range(setup.eval_samples)]
+        self.answers = [a for a in answers for _ in range(setup.eval_samples)]
         self.rows: list[dict] = []
 
     @torch.no_grad()
     def evaluate(self, step: int) -> None:
         trainer, setup = self.trainer, self.setup
-        was_training = trainer.model.training
-        trainer.model.eval()
-        temperature = trainer.args.temperature
-        policy = LanguageModel(trainer.model, temperature)
-        ref = LanguageModel(trainer.ref_model, temperature)
-        tokenizer = trainer.processing_class
-        stop = stop_ids(trainer.model, tokenizer)
-        generator = torch.Generator().manual_seed(self.seed * 1000 + step)
-        kls, rewards = [], []
-        for prompt, answer in zip(self.prompts, self.answers):
-            prompt_ids = encode_prompt(prompt, tokenizer)
-            quiet = tqdm(disable=True)
-            pool = sample_pool(policy, prompt_ids, setup.eval_samples, setup.completion_len, stop, generator, quiet)
-            ref_states = reference_states(ref, prompt_ids, pool.tokens)
-            logp = torch.log_softmax(policy.logits(pool.policy_states[pool.layout]).float(), -1)
-            logq = torch.log_softmax(ref.logits(ref_states[pool.layout]).float(), -1)
-            per_position = torch.zeros(pool.layout.shape)
-            per_position[pool.layout] = exact_kl(logp, logq)
-            kls.extend(per_position.sum(-1).tolist())
-            texts = [tokenizer.decode(t[m], skip_special_tokens=True) for t, m in zip(pool.tokens, pool.layout)]
-            rewards.extend(exact_number_reward(texts, answer=[answer] * len(texts)))
-        self.rows.append({"step": step, "sequence_kl": sum(kls) / len(kls), "reward": sum(rewards) / len(rewards)})
-        trainer.model.train(was_training)
+        tokenizer, model = trainer.processing_class, trainer.model
+        was_training = model.training
+        model.eval()
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        prompts = tokenizer(self.texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        tokenizer.padding_side = side
+        with torch.random.fork_rng():  # held-out sampling must not move the training run's random stream
+            torch.manual_seed(self.seed * 1000 + step)
+            ids = model.generate(
+                **prompts,
+                do_sample=True,
+                temperature=trainer.args.temperature,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=setup.completion_len,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        completion = ids[:, prompts.input_ids.shape[1] :]
+        is_eos = completion == tokenizer.eos_token_id
+        mask = (is_eos.cumsum(-1) - is_eos.long()) == 0  # up to and including the first EOS
+        attention = torch.cat([prompts.attention_mask, mask.long()], dim=1)
+        n = completion.shape[1]
+
+        def logprobs(m: torch.nn.Module) -> torch.Tensor:
+            logits = m(input_ids=ids, attention_mask=attention).logits[:, -n - 1 : -1].float()
+            return torch.log_softmax(logits / trainer.args.temperature, -1)
+
+        sequence_kl = (exact_kl(logprobs(model), logprobs(trainer.ref_model)) * mask).sum(-1)
+        texts = tokenizer.batch_decode(torch.where(mask, completion, tokenizer.pad_token_id), skip_special_tokens=True)
+        rewards = exact_number_reward(texts, answer=self.answers)
+        self.rows.append(
+            {"step": step, "sequence_kl": sequence_kl.mean().item(), "reward": sum(rewards) / len(rewards)}
+        )
+        model.train(was_training)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.evaluate(0)
@@ -122,6 +138,7 @@ def train_one(setup: Setup, estimator: str, gradient: str, seed: int, workdir: P
         max_completion_length=setup.completion_len,
         learning_rate=setup.learning_rate,
         lr_scheduler_type="constant",
+        gradient_checkpointing=False,  # a 135M model needs no memory saving; checkpointing recomputes every forward
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -226,9 +243,16 @@ def run(setup: Setup, workdir: Path) -> dict:
     model = setup.model or str(embedded_model_path())
     started = time.monotonic()
     runs = []
-    for estimator, gradient in tqdm(CONFIGS, desc="configurations"):
-        for seed in setup.seeds:
-            runs.append(train_one(setup, estimator, gradient, seed, workdir, model))
+    with tqdm(total=len(CONFIGS) * len(setup.seeds), desc="training runs", unit="run") as bar:
+        for estimator, gradient in CONFIGS:
+            for seed in setup.seeds:
+                runs.append(train_one(setup, estimator, gradient, seed, workdir, model))
+                final = runs[-1]["held_out"][-1]
+                bar.write(
+                    f"{estimator}, {gradient}, seed {seed}: {runs[-1]['wall_s']:.0f} s; held-out reward "
+                    f"{final['reward']:.3f}, sequence KL {final['sequence_kl']:.3f}"
+                )
+                bar.update()
     return {
         "setup": asdict(setup),
         "runs": runs,
