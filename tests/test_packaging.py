@@ -79,3 +79,17 @@ def test_analyze_without_matplotlib_names_the_extra_on_one_line(monkeypatch, cap
         "pip install 'tike-trl[plot]'\n"
     )
     assert not (tmp_path / "out").exists()  # it stopped before sampling
+
+
+def test_citation_cff_prefers_the_paper_the_model_card_cites():
+    import yaml
+
+    from tike_trl import model_card
+
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    paper = cff["preferred-citation"]
+    assert (paper["title"], paper["url"], paper["year"]) == (model_card.TIKE_TITLE, model_card.TIKE_URL, 2026)
+    assert [a["family-names"] for a in paper["authors"]] == ["Wang", "Jin", "Wang", "Li", "Yin", "Qiu"]
+    assert {"arXiv:2504.10637", "arXiv:2506.09477"} <= {
+        i["value"] for ref in cff["references"] for i in ref.get("identifiers", [])
+    }
