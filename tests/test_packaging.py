@@ -93,3 +93,10 @@ def test_citation_cff_prefers_the_paper_the_model_card_cites():
     assert {"arXiv:2504.10637", "arXiv:2506.09477"} <= {
         i["value"] for ref in cff["references"] for i in ref.get("identifiers", [])
     }
+
+
+def test_the_readme_cites_tike_as_the_model_card_does():
+    from tike_trl import model_card
+
+    (bibtex,) = re.findall(r"```bibtex\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert bibtex.strip() == model_card.TIKE_CITATION
