@@ -7,7 +7,7 @@ STAMP := $(VENV)/.tike-trl-installed
 TORCH := torch==2.13.0
 LATEST_VENV ?= .venv-latest
 
-.PHONY: test train install quality test-latest clean
+.PHONY: test train install quality notebooks test-latest clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ quality: $(STAMP)
 
 train: $(STAMP)
 	$(BIN)/tike-trl train
+
+# rerun both notebooks at full size and store them with their outputs (notebooks/execute.py)
+notebooks: $(STAMP)
+	$(BIN)/python notebooks/execute.py
 
 # For whoever bumps the pins, not CI (the registry moves): a fresh venv with the newest versions the pins allow of
 # everything but torch (kept at $(TORCH), the CPU build), then the fast suite.
