@@ -36,6 +36,7 @@ def test_a_trained_models_card_cites_tike_and_tags_the_estimator(tiny_model_dir,
     assert f"TIKE ([Wang et al., ACL 2026]({model_card.TIKE_URL})), top-k = 4, tail `sampled`, beta = 0.05" in body
 
 
+@pytest.mark.filterwarnings("ignore:beta=0.0 switches the KL term off")
 @pytest.mark.parametrize(
     ("overrides", "tags", "cited", "not_cited"),
     [
