@@ -48,12 +48,12 @@ class Setup:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     beta: float = 0.1
     steps: int = 20
-    batch: int = 16  # completions per step
-    generations: int = 8
+    batch: int = 8  # completions per step
+    generations: int = 4
     completion_len: int = 8
     learning_rate: float = 1e-5
     seeds: tuple[int, ...] = (0, 1)
-    eval_every: int = 4
+    eval_every: int = 5
     eval_prompts: int = 12
     eval_samples: int = 4
 

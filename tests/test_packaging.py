@@ -1,68 +1,102 @@
-"""What a pip user gets: the wheel holds the training script and the recipe files, and both work
-from the installed package alone (no repository checkout)."""
+"""What pyproject.toml promises: every pin says why, and the optional dependencies (peft, matplotlib) stay
+optional: the package imports without them, and an application that needs one says which extra to install."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import zipfile
+import ast
+import re
 from pathlib import Path
 
-import pytest
+from tike_trl.cli import main
 
-from tike_trl.recipes import recipe_files
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "tike_trl"
 
-REPO = Path(__file__).resolve().parents[1]
+
+def requirement_groups() -> dict[str, list[tuple[str, list[str]]]]:
+    """pyproject's lists of requirements by key ("dependencies", each extra's name, ...): [(requirement, the
+    comment lines of the block it is in)], a block being comment lines and the requirement lines after them."""
+    groups: dict[str, list[tuple[str, list[str]]]] = {}
+    group, comments, after_requirement = None, [], False
+    for line in (ROOT / "pyproject.toml").read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):  # a new table
+            group, comments = None, []
+            continue
+        if line.startswith("#"):
+            comments = [] if after_requirement else comments
+            comments.append(line)
+            after_requirement = False
+            continue
+        if key := re.match(r"([\w-]+) = \[(.*)", line):
+            group, line = key[1], key[2]
+        if group is None:
+            continue
+        requirements = re.findall(r'"([^"]+)"', line)
+        groups.setdefault(group, []).extend((r, comments) for r in requirements)
+        after_requirement = after_requirement or bool(requirements)
+        if line.endswith("]"):  # the list closes
+            group, comments, after_requirement = None, [], False
+    return groups
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
-    """The wheel built from a copy of the sources (offline, no build isolation), unpacked into a
-    folder that stands for site-packages."""
-    root = tmp_path_factory.mktemp("wheel")
-    source = root / "source"
-    shutil.copytree(REPO / "tike_trl", source / "tike_trl", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
-        + ["-w", str(root / "dist"), str(source)],
-        check=True,
-        capture_output=True,
-        timeout=300,
+def test_every_pin_says_why():
+    groups = requirement_groups()
+    assert {"dependencies", "peft", "plot", "deepspeed", "embedded", "dev"} <= set(groups)
+    assert [r for r, _ in groups["dependencies"] if r.startswith(("peft", "matplotlib"))] == []
+    for name in ("requires", "dependencies", "peft", "plot", "deepspeed", "embedded"):
+        for requirement, comments in groups[name]:
+            assert comments, f"{requirement} ({name}) has no comment saying why"
+
+
+def imports_of(path: Path) -> list[tuple[str, bool]]:
+    """(top-level module, imported at module level?) for every import in a source file."""
+    tree = ast.parse(path.read_text())
+    module_level = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name.split(".")[0], id(node) in module_level) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module.split(".")[0], id(node) in module_level))
+    return found
+
+
+def test_the_package_imports_neither_peft_nor_matplotlib_at_module_level():
+    """peft reaches the library only through TRL; matplotlib only inside the functions that plot."""
+    for path in PACKAGE.rglob("*.py"):
+        for module, at_module_level in imports_of(path):
+            assert module != "peft", f"{path.relative_to(ROOT)} imports peft"
+            assert not (module == "matplotlib" and at_module_level), f"{path.relative_to(ROOT)} imports matplotlib"
+
+
+def test_analyze_without_matplotlib_names_the_extra_on_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # `import matplotlib` now fails
+    assert main(["analyze", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "tike-trl analyze: error: tike-trl analyze (its plots) needs matplotlib, which is not installed: "
+        "pip install 'tike-trl[plot]'\n"
     )
-    (wheel,) = (root / "dist").glob("tike_trl-*.whl")
-    site = root / "site"
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(site)
-    return site
+    assert not (tmp_path / "out").exists()  # it stopped before sampling
 
 
-def test_wheel_holds_the_script_and_the_recipes(installed):
-    assert (installed / "tike_trl" / "scripts" / "grpo.py").is_file()
-    shipped = {p.relative_to(installed).as_posix() for p in (installed / "tike_trl" / "recipes").rglob("*.yaml")}
-    assert shipped == {f"tike_trl/recipes/{p.parent.name}/{p.name}" for p in recipe_files().values()}
-    assert len(shipped) == 7
-    entry_points = next(installed.glob("tike_trl-*.dist-info")) / "entry_points.txt"
-    assert "tike-trl = tike_trl.cli:main" in entry_points.read_text()
+def test_citation_cff_prefers_the_paper_the_model_card_cites():
+    import yaml
+
+    from tike_trl import model_card
+
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    paper = cff["preferred-citation"]
+    assert (paper["title"], paper["url"], paper["year"]) == (model_card.TIKE_TITLE, model_card.TIKE_URL, 2026)
+    assert [a["family-names"] for a in paper["authors"]] == ["Wang", "Jin", "Wang", "Li", "Yin", "Qiu"]
+    assert {"arXiv:2504.10637", "arXiv:2506.09477"} <= {
+        i["value"] for ref in cff["references"] for i in ref.get("identifiers", [])
+    }
 
 
-def _from_the_wheel(installed: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(installed), "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, *args], cwd=installed.parent, env=env, capture_output=True, text=True, timeout=300
-    )
+def test_the_readme_cites_tike_as_the_model_card_does():
+    from tike_trl import model_card
 
-
-def test_packaged_script_help_and_recipe_paths(installed):
-    """`python -m tike_trl.scripts.grpo --help` lists the estimator flags; `tike-trl recipes` points
-    into the installed package."""
-    result = _from_the_wheel(installed, "-m", "tike_trl.scripts.grpo", "--help")
-    assert result.returncode == 0, result.stderr[-2000:]
-    for flag in ("--kl_estimator", "--tike_top_k", "--beta", "--model_name_or_path", "--datasets", "--model"):
-        assert flag in result.stdout
-    result = _from_the_wheel(installed, "-m", "tike_trl.cli", "recipes", "zero3")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert Path(result.stdout.strip()) == installed / "tike_trl" / "recipes" / "accelerate" / "zero3.yaml"
+    (bibtex,) = re.findall(r"```bibtex\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert bibtex.strip() == model_card.TIKE_CITATION

@@ -13,6 +13,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
+from . import model_card
 from .config import TIKEConfig
 from .estimators import (
     HEAD_ESTIMATORS,
@@ -169,6 +170,17 @@ class TIKEGRPOTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "grpo", "tike"]
     _name = "TIKE-GRPO"
+    _paper = model_card.PAPER  # TIKE, ACL 2026 (no arXiv id: the card links the ACL Anthology instead)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card, plus the estimator's tags (`kl-tike`, `tike-k16`, ...), the papers its choice rests on
+        (GRPO's, the Rao-Blackwellized one for `rb`, the KL-gradient pitfalls one whenever beta != 0) and a
+        sentence naming them; the choices are in tike_trl/model_card.py."""
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        self._paper = {**type(self)._paper, "citation": model_card.citation(self.args)}
+        super().create_model_card(model_name, dataset_name, tags + model_card.tags(self.args))
+        if self.is_world_process_zero():
+            model_card.describe(f"{self.args.output_dir}/README.md", self._name, self.args)
 
     def __init__(
         self, model: Any, reward_funcs: Any = None, args: TIKEConfig | None = None, *rest: Any, **kwargs: Any

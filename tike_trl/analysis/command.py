@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..extras import require
 from . import diagnostics
 from .sampling import (
     SHIFTED_POLICY_TEMPERATURE,
@@ -375,6 +376,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `tike-trl analyze` and write its report."""
     from .report import write_report
+
+    require("matplotlib", "tike-trl analyze (its plots)")  # before the minutes of sampling, not after
 
     options = {k: v for k, v in vars(args).items() if k in AnalysisConfig.__dataclass_fields__}
     try:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
+from ..extras import require
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLORS = {
     "k1": "tab:blue",
@@ -223,11 +227,16 @@ def render_markdown(results: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _figure(**kwargs) -> Figure:
+    """A matplotlib Figure, not registered with pyplot (the plot extra: `pip install 'tike-trl[plot]'`)."""
+    return require("matplotlib.figure", "the analysis plots").Figure(**kwargs)
+
+
 def plot_coverage(results: dict) -> Figure:
     cov = results["coverage"]
     ks = [int(k) for k in cov["table"]]
     rows = list(cov["table"].values())
-    fig = Figure(figsize=(10, 3.6))
+    fig = _figure(figsize=(10, 3.6))
     left, right = fig.subplots(1, 2)
     left.plot(ks, [r["all"]["mean_mass"] for r in rows], "o-", color="tab:red", label="mean top-k mass m_k")
     high = next(key for key in rows[0] if key.startswith("m>="))
@@ -257,7 +266,7 @@ def plot_bias_variance(results: dict) -> Figure:
         for i, p in enumerate(bv["prompts"][:3])
     ]
     panels.append((f"mean over {len(bv['prompts'])} prompts", bv["summary"]["estimators"], bv["summary"]["truth"]))
-    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    fig = _figure(figsize=(4.2 * len(panels), 3.6))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, estimators, truth) in zip(axes, panels):
         for name, e in estimators.items():
@@ -284,7 +293,7 @@ def plot_bias_variance(results: dict) -> Figure:
 def plot_profile(results: dict) -> Figure:
     prof = results["profile"]
     n = len(prof["tokens"])
-    fig = Figure(figsize=(max(6.0, 0.28 * n), 3.6))
+    fig = _figure(figsize=(max(6.0, 0.28 * n), 3.6))
     ax = fig.subplots()
     x = list(range(n))
     ax.plot(x, prof["topk_mass"], "o-", color="tab:red", label=f"top-{prof['k']} mass")
