@@ -38,6 +38,7 @@ from trl.scripts.grpo import GRPOScriptArguments as TRLGRPOScriptArguments
 
 from ..config import TIKEConfig
 from ..errors import InputError
+from ..extras import MissingExtraError, require
 from ..models import EmbeddedModelMissing, embedded_model_path
 from ..recipes import recipe_path
 from ..rewards import REWARDS, TRL_REWARDS, resolve_reward
@@ -303,17 +304,24 @@ def main(
     """Train; save the model (and tokenizer) to `output_dir` and plot the curves there; push to
     the Hub if `push_to_hub`; free the model and the process group."""
     started = time.monotonic()
+    try:  # said before training, not after: the run goes on without the plot
+        require("matplotlib", "training.png")
+        plots = True
+    except MissingExtraError as err:
+        print(f"tike-trl: note: {err}; metrics.jsonl is written all the same", file=sys.stderr)
+        plots = False
     trainer = build_trainer(script_args, training_args, model_args, dataset_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     output = Path(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         name = model_args.model_name_or_path or "SmolLM2-135M-Instruct (embedded)"
-        plot_training(
-            output / "metrics.jsonl",
-            output / "training.png",
-            title=f"{name}, kl_estimator={training_args.kl_estimator}, beta={training_args.beta}",
-        )
+        if plots:
+            plot_training(
+                output / "metrics.jsonl",
+                output / "training.png",
+                title=f"{name}, kl_estimator={training_args.kl_estimator}, beta={training_args.beta}",
+            )
         s = summary(training_args.output_dir)
         print(
             f"trained {s['steps']} steps in {time.monotonic() - started:.0f} s; mean reward "
