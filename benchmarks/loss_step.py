@@ -58,7 +58,7 @@ from tike_trl.trainer import REF_HIDDEN_STATES
 
 from .heads import NoHead
 from .measure import freed_memory_kept, peak_memory, timed, unique_tensor_bytes
-from .run_files import run_stem
+from .run_files import run_stem, with_suffix
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_KS = (1, 4, 16, 64, 256, 1024)
@@ -479,7 +479,7 @@ def run_files(out_dir: Path, mode: str, run_name: str | None = None, now: dateti
     """The JSON and markdown files of one run: `<out_dir>/<mode>/<UTC date>-<run name>.json` and `.md`,
     the run name defaulting to the UTC time (`HHMMSSZ`), so that every run gets its own files."""
     stem = run_stem(out_dir / mode, run_name, now)
-    return stem.with_suffix(".json"), stem.with_suffix(".md")
+    return with_suffix(stem, ".json"), with_suffix(stem, ".md")
 
 
 def run(mode: Mode, files: tuple[Path, Path], plot_path: Path | None) -> dict:

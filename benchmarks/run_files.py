@@ -13,11 +13,16 @@ def run_stem(out_dir: Path, run_name: str | None = None, now: datetime | None = 
     return Path(out_dir) / f"{now:%Y-%m-%d}-{run_name or f'{now:%H%M%S}Z'}"
 
 
+def with_suffix(stem: Path, suffix: str) -> Path:
+    """`stem` plus `suffix` (a run name may hold dots: `Path.with_suffix` would replace its tail)."""
+    return stem.parent / f"{stem.name}{suffix}"
+
+
 def write_run(out_dir: Path, run_name: str | None, result: dict, table: str) -> tuple[Path, Path]:
     """The result as JSON and its markdown table, side by side; returns both paths."""
     stem = run_stem(out_dir, run_name)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path, md_path = with_suffix(stem, ".json"), with_suffix(stem, ".md")
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     md_path.write_text(table)
     return json_path, md_path

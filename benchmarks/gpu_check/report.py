@@ -9,6 +9,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ..run_files import with_suffix
+
 STATUS_OK = ("passed", "skipped")
 
 
@@ -22,7 +24,7 @@ def write_json(path: Path, data: dict) -> None:
 def write(report: dict, stem: Path) -> list[Path]:
     """`<stem>.png`, `.md` and `.json` (last, so that it holds any plot error); returns the paths written."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")
+    json_path, md_path, png_path = (with_suffix(stem, suffix) for suffix in (".json", ".md", ".png"))
     try:
         plot(report, png_path)
         report.pop("plot_error", None)
