@@ -53,6 +53,7 @@ class Setup:
     completion_len: int = 8
     learning_rate: float = 1e-5
     seeds: tuple[int, ...] = (0, 1)
+    configs: tuple[tuple[str, str], ...] = tuple(CONFIGS)  # (kl_estimator, kl_gradient) pairs
     eval_every: int = 5
     eval_prompts: int = 12
     eval_samples: int = 4
@@ -243,8 +244,8 @@ def run(setup: Setup, workdir: Path) -> dict:
     model = setup.model or str(embedded_model_path())
     started = time.monotonic()
     runs = []
-    with tqdm(total=len(CONFIGS) * len(setup.seeds), desc="training runs", unit="run") as bar:
-        for estimator, gradient in CONFIGS:
+    with tqdm(total=len(setup.configs) * len(setup.seeds), desc="training runs", unit="run") as bar:
+        for estimator, gradient in setup.configs:
             for seed in setup.seeds:
                 runs.append(train_one(setup, estimator, gradient, seed, workdir, model))
                 final = runs[-1]["held_out"][-1]
@@ -268,12 +269,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="a local model folder (default: the embedded model)")
     parser.add_argument("--beta", type=float, default=Setup.beta)
     parser.add_argument("--steps", type=int, default=Setup.steps)
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=[f"{e}:{g}" for e, g in CONFIGS],
+        help="estimator:gradient pairs to run, e.g. rb:token (default: all four)",
+    )
     parser.add_argument("--run-name", default=None, help="file name of this run (default: the UTC time)")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "kl_gradient"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "kl_gradient_training.png"))
     parser.add_argument("--workdir", default=None, help="where the runs write (default: a temporary folder)")
     args = parser.parse_args(argv)
-    setup = Setup(model=args.model, beta=args.beta, steps=args.steps)
+    configs = tuple(tuple(pair.split(":", 1)) for pair in args.configs)
+    setup = Setup(model=args.model, beta=args.beta, steps=args.steps, configs=configs)
     if args.smoke:
         smoke = dict(steps=1, batch=4, generations=4, seeds=(0,), eval_every=1, eval_prompts=2, eval_samples=2)
         setup = replace(setup, **smoke)
