@@ -81,6 +81,7 @@ def test_smoke_loss_step_stage_measures_both_sizes_against_the_targets(smoke):
             ("tike", small),
             ("tike", large),
             ("rb tiled", None),
+            ("reference forward", None),
         }
         assert all(math.isfinite(r["time_s"]) and r["peak_mem_bytes"] > 0 for r in size["rows"])
         targets = [c for c in size["checks"] if c["kind"] == "target"]

@@ -265,6 +265,13 @@ SEQUENCE_BASELINES = ("loo", "running_mean", "none")
 SCORE_FROM_OWN_POSITION = ("k1",)
 
 
+def baseline_offset(estimator: str) -> float:
+    """What a baseline of F_t adds for `estimator`: 1 for those whose own local gradient is the score
+    term ∇log π_θ(o_t) with coefficient 1 (k1), so that the baseline estimates that coefficient
+    plus F_t; 0 for the others."""
+    return 1.0 if estimator in SCORE_FROM_OWN_POSITION else 0.0
+
+
 def future_kl(values: torch.Tensor, mask: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
     """F_t = Σ_{s>t} values_s over the masked positions of each sequence ([batch, T]; from t
     itself when `inclusive`), without gradient. An infinite value (p > 0 where q = 0) adds nothing:
@@ -338,10 +345,9 @@ def sequence_kl_surrogate(
         **options,
     )
     logp_o = F.log_softmax(at_least_fp32(policy_logits), -1).gather(-1, sampled_ids.long().unsqueeze(-1)).squeeze(-1)
-    own_position = estimator in SCORE_FROM_OWN_POSITION
-    future = future_kl(values, mask, inclusive=own_position)
+    future = future_kl(values, mask, inclusive=estimator in SCORE_FROM_OWN_POSITION)
     if group_size is not None:
-        future = future - leave_one_out(future, group_size) - float(own_position)
+        future = future - leave_one_out(future, group_size) - baseline_offset(estimator)
     ratio = importance_ratio(logp_o, old_logprobs, is_clip, is_clip_mode) if old_logprobs is not None else None
     per_token = values + score_term(logp_o, future, ratio)
     return torch.where(mask > 0, per_token, torch.zeros_like(per_token)).sum(-1)

@@ -20,6 +20,7 @@ from .estimators import (
     SAMPLED_TOKEN_ESTIMATORS,
     SCORE_FROM_OWN_POSITION,
     TopKLogProbs,
+    baseline_offset,
     check_top_k,
     future_kl,
     importance_ratio,
@@ -357,11 +358,11 @@ class TIKEGRPOTrainer(GRPOTrainer):
         whose gradient carries the KL of the later positions of the completion (F_t; for k1 from t
         itself) onto the token that shaped their histories. r_t is the token's importance weight
         (1 on-policy), b_t the configured baseline. docs/estimators.md derives it."""
-        own_position = self.args.kl_estimator in SCORE_FROM_OWN_POSITION
-        future = future_kl(values, mask, inclusive=own_position)
+        estimator = self.args.kl_estimator
+        future = future_kl(values, mask, inclusive=estimator in SCORE_FROM_OWN_POSITION)
         baseline = self._future_kl_baseline(future, mask)
-        if own_position and self.args.kl_sequence_baseline != "none":
-            baseline = baseline + 1.0  # k1's local gradient is a score term with coefficient 1
+        if self.args.kl_sequence_baseline != "none":
+            baseline = baseline + baseline_offset(estimator)
         weight = importance_ratio(
             logps, self._behavior_logprobs(logps, inputs), self.args.tike_is_clip, self.args.tike_is_clip_mode
         )

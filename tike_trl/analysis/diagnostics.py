@@ -26,6 +26,7 @@ from ..estimators import (
     TAILS,
     TopKLogProbs,
     at_least_fp32,
+    baseline_offset,
     future_kl,
     kl_estimate,
     leave_one_out,
@@ -164,7 +165,8 @@ def per_sequence_gradients(parts: GradientParts) -> dict[str, torch.Tensor]:
     for name in VALUE_ESTIMATORS:
         out[name] = parts.token[name].double()
         out[gradient_name(name, "seq")] = sequence_gradient(parts, name)
-        out[gradient_name(name, "seq-mean")] = sequence_gradient(parts, name, parts.future[name].mean(0))
+        mean = parts.future[name].mean(0) + baseline_offset(_estimator(name))
+        out[gradient_name(name, "seq-mean")] = sequence_gradient(parts, name, mean)
     out[MC_SEQUENCE] = score_gradient(parts.score, parts.future["k1"])
     return out
 
@@ -186,6 +188,7 @@ def loo_batch_gradients(
         score = parts.score[rows]  # [c, B, L, P]
         for name in VALUE_ESTIMATORS:
             baseline = leave_one_out(parts.future[name][rows].reshape(-1, length), batch).view(*rows.shape, length)
+            baseline = baseline + baseline_offset(_estimator(name))
             out[name].append(no_baseline[name][rows].mean(1) - score_gradient(score, baseline).mean(1))
     return {gradient_name(name, "seq-loo"): torch.cat(g) for name, g in out.items()}
 

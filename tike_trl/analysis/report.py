@@ -310,7 +310,7 @@ def plot_gradient_variance(results: dict) -> Figure:
     cosine with the exact gradient."""
     grad = results["gradient"]
     summary, kinds, names = grad["summary"], grad["kinds"], grad["estimators"]
-    fig = Figure(figsize=(15, 3.8))
+    fig = _figure(figsize=(15, 3.8))
     axes = fig.subplots(1, len(GRADIENT_METRICS))
     width = 0.8 / len(kinds)
     for ax, (metric, label) in zip(axes, GRADIENT_METRICS.items()):
