@@ -5,6 +5,7 @@ of completions sampled exactly from the policy with the states that predicted ea
 
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,10 @@ class LanguageModel:
         if self.norm is None or getattr(self.norm, "weight", None) is None:
             raise NotImplementedError(f"{type(model).__name__} has no final norm with a weight at get_decoder().norm.")
         self.head = model.get_output_embeddings()
+        # transformers renamed the KV-cache argument and output field `past_key_values` → `cache`
+        # (5.2x warns on the old name); take whichever the installed version's backbone accepts
+        parameters = inspect.signature(self.decoder.forward).parameters
+        self._cache_name = "cache" if "cache" in parameters else "past_key_values"
 
     @torch.no_grad()
     def prenorm(self, input_ids: torch.Tensor, cache=None):
@@ -49,10 +54,10 @@ class LanguageModel:
         captured = []
         handle = self.norm.register_forward_hook(lambda _module, args, _out: captured.append(args[0]))
         try:
-            out = self.decoder(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            out = self.decoder(input_ids=input_ids, use_cache=True, **{self._cache_name: cache})
         finally:
             handle.remove()
-        return captured[-1], out.past_key_values
+        return captured[-1], getattr(out, self._cache_name)
 
     def logits(self, prenorm: torch.Tensor, norm_weight: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits; `norm_weight` replaces the norm's weight (e.g. one row per position)."""
