@@ -43,8 +43,14 @@ def test_a_trained_models_card_cites_tike_and_tags_the_estimator(tiny_model_dir,
         (dict(kl_estimator="rb"), {"kl-rb"}, {TIKE_KEY, GRPO_KEY, RB_KEY, PITFALLS_KEY}, set()),
         (dict(kl_estimator="k3"), {"kl-k3"}, {TIKE_KEY, GRPO_KEY, PITFALLS_KEY}, {RB_KEY}),
         (dict(kl_estimator="rb", beta=0.0), {"kl-off"}, {TIKE_KEY, GRPO_KEY}, {RB_KEY, PITFALLS_KEY}),
+        (
+            dict(kl_estimator="k3", kl_gradient="sequence"),
+            {"kl-k3", "kl-gradient-sequence"},
+            {TIKE_KEY, GRPO_KEY, RB_KEY, PITFALLS_KEY},
+            set(),
+        ),
     ],
-    ids=["rb", "k3", "beta-0"],
+    ids=["rb", "k3", "beta-0", "k3-sequence"],
 )
 def test_the_card_follows_the_estimator(tiny_model_dir, tmp_path, overrides, tags, cited, not_cited):
     trainer = make_trainer(tiny_model_dir, tmp_path, **overrides)
@@ -53,5 +59,6 @@ def test_the_card_follows_the_estimator(tiny_model_dir, tmp_path, overrides, tag
     assert tags | {"mine", "tike"} <= set(header["tags"]) and not any(t.startswith("tike-k") for t in header["tags"])
     assert all(key in body for key in cited) and not any(key in body for key in not_cited)
     assert "This model was trained with GRPO ([DeepSeekMath]" in body
+    assert ("its sequence-level gradient" in body) == (overrides.get("kl_gradient") == "sequence")
     # the class keeps TIKE as its paper; the estimator's papers join only this trainer's card
     assert type(trainer)._paper["citation"] == model_card.TIKE_CITATION

@@ -5,7 +5,8 @@ sentence naming them. `TIKEGRPOTrainer.create_model_card` passes these to TRL's 
 Which papers, by the configuration:
 - TIKE (Wang et al., ACL 2026) always: it is this trainer's method, and its `_paper`;
 - DeepSeekMath always: GRPO itself, as TRL's `GRPOTrainer` cites it;
-- the Rao-Blackwellized estimator (Amini et al., NeurIPS 2025) when `kl_estimator="rb"`;
+- the Rao-Blackwellized paper (Amini et al., NeurIPS 2025) when `kl_estimator="rb"` (its estimator) or
+  `kl_gradient="sequence"` (its sequence-level gradient: the later positions' KL as a score-function term);
 - the pitfalls paper (Tang and Munos, 2025) whenever the KL term is on (`beta != 0`), whatever the estimator:
   it is the analysis behind every estimator's gradient here (k1's zero expected gradient and k3's reverse-KL
   gradient without TRL's ratio, its §3; and, for all five, the token-level loss holding the history fixed, its
@@ -63,11 +64,12 @@ PITFALLS_CITATION = """\
 # TRL's `_paper`: no "id", since TRL links an id to huggingface.co/papers (arXiv ids) and TIKE has none
 PAPER = {"title": TIKE_TITLE, "citation": TIKE_CITATION}
 
+RB_URL = "https://huggingface.co/papers/2504.10637"
 ESTIMATOR_NAMES = {
     "k1": "the k1 estimator (the sampled token's log-ratio)",
     "k2": "the k2 estimator (half the squared log-ratio)",
     "k3": "the k3 estimator (TRL's default)",
-    "rb": "the exact, Rao-Blackwellized KL ([Amini et al., 2025](https://huggingface.co/papers/2504.10637))",
+    "rb": f"the exact, Rao-Blackwellized KL ([Amini et al., 2025]({RB_URL}))",
 }
 
 
@@ -76,19 +78,22 @@ def kl_on(args) -> bool:
 
 
 def tags(args) -> list[str]:
-    """The estimator (`kl-tike`, `kl-k3`, ...; `kl-off` at beta 0) and, for TIKE, k and the tail."""
+    """The estimator (`kl-tike`, `kl-k3`, ...; `kl-off` at beta 0), for TIKE k and the tail, and
+    `kl-gradient-sequence` when the KL's gradient is the sequence-level one."""
     if not kl_on(args):
         return ["kl-off"]
     found = [f"kl-{args.kl_estimator}"]
     if args.kl_estimator == "tike":
         found += [f"tike-k{args.tike_top_k}", f"tike-tail-{args.tike_tail}"]
+    if args.kl_gradient == "sequence":
+        found.append("kl-gradient-sequence")
     return found
 
 
 def citation(args) -> str:
     """The BibTeX entries for the card's citation block (TRL renders one block), as the module docstring says."""
     entries = [TIKE_CITATION, GRPO_CITATION]
-    if kl_on(args) and args.kl_estimator == "rb":
+    if kl_on(args) and (args.kl_estimator == "rb" or args.kl_gradient == "sequence"):
         entries.append(RB_CITATION)
     if kl_on(args):
         entries.append(PITFALLS_CITATION)
@@ -107,6 +112,8 @@ def description(args) -> str:
         )
     else:
         kl = f"the KL to the reference estimated by {ESTIMATOR_NAMES[args.kl_estimator]}, beta = {args.beta:g}"
+    if kl_on(args) and args.kl_gradient == "sequence":
+        kl += f", and its sequence-level gradient ([Amini et al., 2025]({RB_URL}))"
     return f"{grpo} with {kl}, through tike-trl's `TIKEGRPOTrainer`"
 
 
