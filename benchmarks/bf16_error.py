@@ -38,9 +38,8 @@ from tike_trl.kernels import policy as kernel_policy
 from tike_trl.kernels import reference as kernel_reference
 from tike_trl.kernels.precise import needs_exact_columns
 
-from .run_files import write_run
+from .run_files import add_run_arguments, write_run
 
-ROOT = Path(__file__).resolve().parents[1]
 ESTIMATORS = ("k1", "k2", "k3", "rb", "tike-drop", "tike-sampled", "tike-mc")
 
 
@@ -235,8 +234,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
-    parser.add_argument("--run-name", default=None, help="file name of this run (default: the UTC time)")
-    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "bf16_error"))
+    add_run_arguments(parser, "bf16_error")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -37,7 +37,7 @@ from tike_trl.models import embedded_model_path
 from tike_trl.rewards import exact_number_reward
 from tike_trl.scripts.data import arithmetic_dataset
 
-from .run_files import write_run
+from .run_files import add_run_arguments, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [(estimator, gradient) for estimator in ("rb", "tike") for gradient in ("token", "sequence")]
@@ -275,8 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=[f"{e}:{g}" for e, g in CONFIGS],
         help="estimator:gradient pairs to run, e.g. rb:token (default: all four)",
     )
-    parser.add_argument("--run-name", default=None, help="file name of this run (default: the UTC time)")
-    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "kl_gradient"))
+    add_run_arguments(parser, "kl_gradient")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "kl_gradient_training.png"))
     parser.add_argument("--workdir", default=None, help="where the runs write (default: a temporary folder)")
     args = parser.parse_args(argv)

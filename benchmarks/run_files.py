@@ -3,9 +3,18 @@ name defaulting to the UTC time, so that every run gets its own files and none i
 
 from __future__ import annotations
 
+import argparse
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, results: str) -> None:
+    """`--run-name` and `--out-dir` (default `benchmarks/results/<results>`), as every benchmark takes them."""
+    parser.add_argument("--run-name", default=None, help="file name of this run (default: the UTC time)")
+    parser.add_argument("--out-dir", default=str(RESULTS / results))
 
 
 def run_stem(out_dir: Path, run_name: str | None = None, now: datetime | None = None) -> Path:

@@ -33,7 +33,7 @@ import torch
 
 from tike_trl.estimators import SCORE_FROM_OWN_POSITION, future_kl, kl_estimate, sequence_kl_surrogate
 
-from .run_files import write_run
+from .run_files import add_run_arguments, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tabular model of the enumeration tests
@@ -372,8 +372,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="one table, one off-policy distance")
-    parser.add_argument("--run-name", default=None, help="file name of this run (default: the UTC time)")
-    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results" / "sequence_gradient_variance"))
+    add_run_arguments(parser, "sequence_gradient_variance")
     args = parser.parse_args(argv)
     result = run(SMOKE if args.smoke else Setup())
     write_run(Path(args.out_dir), args.run_name, result, markdown(result))
