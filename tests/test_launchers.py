@@ -33,26 +33,43 @@ def test_recipes_are_accelerate_configs():
     assert zero3["zero_stage"] == 3 and zero3["zero3_init_flag"]
 
 
+# The sequence-level runs use no baseline: "loo" and "running_mean" average over the completions
+# each process holds, so 2 processes and 1 differ in the baseline (each unbiased), not in the math.
+# Their beta and learning rate are higher, so that after step 1 the KL is large enough for the
+# future-KL term to move step 2's gradient norm far more than the tolerance (rb 2%, tike 0.07%); the
+# larger first step also carries ZeRO-3's rounding further (step 2's grad norm 1.7e-5 off), hence its
+# tolerance.
+SEQUENCE = "sequence"
+SETTINGS = {"token": dict(beta=0.05, learning_rate=5e-2), SEQUENCE: dict(beta=1.0, learning_rate=0.3)}
+TOLERANCE = {"token": 1e-5, SEQUENCE: 5e-5}
+
+
 @pytest.fixture(scope="module")
 def one_process(tiny_model_dir, tmp_path_factory):
-    """Per estimator: the 1-process run over the same global batch (8 completions per step)."""
-    cache: dict[str, dict] = {}
+    """Per estimator, kl_gradient and settings: the 1-process run over the same global batch (8
+    completions per step)."""
+    cache: dict[tuple[str, str, str], dict] = {}
 
-    def get(estimator: str) -> dict:
-        if estimator not in cache:
-            cache[estimator] = train_in_process(
+    def get(estimator: str, kl_gradient: str = "token", settings: str = "token") -> dict:
+        if (estimator, kl_gradient, settings) not in cache:
+            cache[estimator, kl_gradient, settings] = train_in_process(
                 tiny_model_dir,
-                tmp_path_factory.mktemp(f"single-{estimator}"),
+                tmp_path_factory.mktemp(f"single-{estimator}-{kl_gradient}-{settings}"),
                 kl_estimator=estimator,
                 per_device_batch=2 * PER_DEVICE,
                 rollout="deterministic",
+                kl_gradient=kl_gradient,
+                kl_sequence_baseline="none",
+                **SETTINGS[settings],
             )
-        return cache[estimator]
+        return cache[estimator, kl_gradient, settings]
 
     return get
 
 
-def _launch_and_check(recipe, estimator, tiny_model_dir, tmp_path, one_process, distributed_type, cpu=True):
+def _launch_and_check(
+    recipe, estimator, tiny_model_dir, tmp_path, one_process, distributed_type, cpu=True, kl_gradient="token"
+):
     result = launch(
         recipe,
         [
@@ -64,6 +81,14 @@ def _launch_and_check(recipe, estimator, tiny_model_dir, tmp_path, one_process, 
             str(PER_DEVICE),
             "--rollout",
             "deterministic",
+            "--beta",
+            str(SETTINGS[kl_gradient]["beta"]),
+            "--learning-rate",
+            str(SETTINGS[kl_gradient]["learning_rate"]),
+            "--kl-gradient",
+            kl_gradient,
+            "--kl-sequence-baseline",
+            "none",
         ],
         tmp_path,
         cpu=cpu,
@@ -75,16 +100,20 @@ def _launch_and_check(recipe, estimator, tiny_model_dir, tmp_path, one_process, 
     assert all(math.isfinite(s["kl"]) for s in steps) and steps[1]["kl"] > 1e-4  # step 1 is on-policy: kl = 0
     if not cpu:  # GPU kernels differ from the CPU reference in the last bits
         return result
-    for ours, single in zip(steps, one_process(estimator)["steps"]):
+    for ours, single in zip(steps, one_process(estimator, kl_gradient, kl_gradient)["steps"]):
         for key in ("loss", "grad_norm", "kl"):
-            assert ours[key] == pytest.approx(single[key], rel=1e-5, abs=1e-7), (key, ours, single)
+            assert ours[key] == pytest.approx(single[key], rel=TOLERANCE[kl_gradient], abs=1e-7), (key, ours, single)
+    if kl_gradient == SEQUENCE:  # the future-KL term ran: step 2's gradient is not the token-level one
+        token = one_process(estimator, "token", SEQUENCE)["steps"][1]
+        assert steps[1]["loss"] == pytest.approx(token["loss"], rel=1e-5)
+        assert steps[1]["grad_norm"] != pytest.approx(token["grad_norm"], rel=2e-4)
     return result
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["tike", "rb"])
-def test_ddp_two_cpu_processes(tiny_model_dir, tmp_path, one_process, estimator):
-    _launch_and_check("ddp", estimator, tiny_model_dir, tmp_path, one_process, "MULTI_CPU")
+@pytest.mark.parametrize(("estimator", "kl_gradient"), [("tike", "token"), ("rb", "token"), ("rb", SEQUENCE)])
+def test_ddp_two_cpu_processes(tiny_model_dir, tmp_path, one_process, estimator, kl_gradient):
+    _launch_and_check("ddp", estimator, tiny_model_dir, tmp_path, one_process, "MULTI_CPU", kl_gradient=kl_gradient)
 
 
 @pytest.mark.slow
@@ -94,10 +123,12 @@ def test_zero2_two_cpu_processes(tiny_model_dir, tmp_path, one_process):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["tike", "rb"])
-def test_zero3_gathers_the_sharded_heads(tiny_model_dir, tmp_path, one_process, estimator):
+@pytest.mark.parametrize(("estimator", "kl_gradient"), [("tike", "token"), ("rb", "token"), ("tike", SEQUENCE)])
+def test_zero3_gathers_the_sharded_heads(tiny_model_dir, tmp_path, one_process, estimator, kl_gradient):
     pytest.importorskip("deepspeed")
-    result = _launch_and_check("zero3", estimator, tiny_model_dir, tmp_path, one_process, "DEEPSPEED")
+    result = _launch_and_check(
+        "zero3", estimator, tiny_model_dir, tmp_path, one_process, "DEEPSPEED", kl_gradient=kl_gradient
+    )
     assert result["head_sharded"] == {"policy": True, "reference": True}
 
 

@@ -1,6 +1,6 @@
 """`kl_gradient="sequence"` through the trainer: the KL part of its gradient is the dense
-`sequence_kl_surrogate`'s on the same batch, the loss value and the kl metric are the token-level
-ones, and it costs no extra forward."""
+`sequence_kl_surrogate`'s on the same batch (with a LoRA adapter too), the loss value and the kl
+metric are the token-level ones, and it costs no extra forward."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import warnings
 
 import pytest
 import torch
-from trainers import fixed_batch, make_trainer
+from peft import LoraConfig
+from tiny import load_tokenizer, prompt_dataset, reward_length
+from trainers import COMMON, fixed_batch, make_trainer
+from transformers import AutoModelForCausalLM
 
-from tike_trl import TIKEConfig, sequence_kl_surrogate
+from tike_trl import TIKEConfig, TIKEGRPOTrainer, sequence_kl_surrogate
 from tike_trl.trainer import PositionRunningMean
 
 
@@ -38,12 +41,49 @@ CASES = [
 ]
 
 
+def _kl_part_of_the_gradient(trainer, inputs) -> list[torch.Tensor]:
+    """The gradient at 2β minus the gradient at β, divided by β: the KL term's part alone."""
+    beta = trainer.beta
+    _, grads_beta = _loss_and_grads(trainer, inputs)
+    trainer.beta = 2 * beta
+    _, grads_twice = _loss_and_grads(trainer, inputs)
+    trainer.beta = beta
+    return [(a - b) / beta for a, b in zip(grads_twice, grads_beta)]
+
+
+def _dense_gradient(trainer, inputs, options, baseline, reference) -> list[torch.Tensor]:
+    """`sequence_kl_surrogate`'s gradient on the batch, summed and normalised as dr_grpo does;
+    `reference` is the reference model's forward (a model, or the policy with its adapters off)."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    n = inputs["completion_ids"].shape[1]
+    temperature = trainer.args.temperature
+    policy = trainer.model(input_ids=ids, attention_mask=attention).logits[:, -n - 1 : -1] / temperature
+    with torch.no_grad():
+        ref = reference(input_ids=ids, attention_mask=attention).logits[:, -n - 1 : -1] / temperature
+    surrogate = sequence_kl_surrogate(
+        policy,
+        ref,
+        inputs["completion_ids"],
+        inputs["completion_mask"],
+        estimator=options["kl_estimator"],
+        top_k=4,
+        tail=options.get("tike_tail", "sampled"),
+        old_logprobs=inputs.get("old_per_token_logps"),
+        group_size=ids.shape[0] if baseline == "loo" else None,
+    )
+    dense = surrogate.sum() / (ids.shape[0] * trainer.max_completion_length)
+    expected = torch.autograd.grad(dense, [p for p in trainer.model.parameters() if p.requires_grad])
+    assert max(e.abs().max().item() for e in expected) > 1e-3
+    return list(expected)
+
+
 @pytest.mark.parametrize("off_policy", [False, True])
 @pytest.mark.parametrize("baseline", ["none", "loo"])
 @pytest.mark.parametrize("options", CASES, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_kl_gradient_equals_the_dense_surrogate(tiny_model_dir, tmp_path, options, baseline, off_policy):
-    """dr_grpo sums the per-token terms, so the KL part of the gradient (the gradient at 2β minus
-    the gradient at β, divided by β) is the dense surrogate's, summed and normalised likewise."""
+    """dr_grpo sums the per-token terms, so the KL part of the gradient is the dense surrogate's,
+    summed and normalised likewise."""
     source, inputs = fixed_batch(tiny_model_dir, tmp_path)
     if off_policy:
         noise = torch.rand(inputs["completion_ids"].shape, generator=torch.Generator().manual_seed(5))
@@ -51,36 +91,42 @@ def test_kl_gradient_equals_the_dense_surrogate(tiny_model_dir, tmp_path, option
     config = dict(loss_type="dr_grpo", kl_gradient="sequence", kl_sequence_baseline=baseline, tike_top_k=4)
     trainer = make_trainer(tiny_model_dir, tmp_path, tike_is_clip=None, **config, **options)
     _perturbed(trainer, source)
-    beta = trainer.beta
-    _, grads_beta = _loss_and_grads(trainer, inputs)
-    trainer.beta = 2 * beta
-    _, grads_twice = _loss_and_grads(trainer, inputs)
-    trainer.beta = beta
-    ours = [(a - b) / beta for a, b in zip(grads_twice, grads_beta)]
+    ours = _kl_part_of_the_gradient(trainer, inputs)
+    expected = _dense_gradient(trainer, inputs, options, baseline, trainer.ref_model)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-3)
 
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    n = inputs["completion_ids"].shape[1]
-    temperature = trainer.args.temperature
-    policy = trainer.model(input_ids=ids, attention_mask=attention).logits[:, -n - 1 : -1] / temperature
-    with torch.no_grad():
-        ref = trainer.ref_model(input_ids=ids, attention_mask=attention).logits[:, -n - 1 : -1] / temperature
-    estimator = options["kl_estimator"]
-    surrogate = sequence_kl_surrogate(
-        policy,
-        ref,
-        inputs["completion_ids"],
-        inputs["completion_mask"],
-        estimator=estimator,
-        top_k=4,
-        tail=options.get("tike_tail", "sampled"),
-        old_logprobs=inputs.get("old_per_token_logps"),
-        group_size=ids.shape[0] if baseline == "loo" else None,
+
+@pytest.mark.parametrize("options", CASES[:2], ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_kl_gradient_with_a_lora_adapter(tiny_model_dir, tmp_path, options):
+    """PEFT: the reference is the model with its new adapter disabled, and the KL part of the
+    adapter's gradient is still the dense surrogate's (reference forward with the adapter off)."""
+    _, inputs = fixed_batch(tiny_model_dir, tmp_path)
+    config = dict(loss_type="dr_grpo", kl_gradient="sequence", kl_sequence_baseline="loo", tike_top_k=4)
+    args = TIKEConfig(output_dir=str(tmp_path / "peft"), **{**COMMON, "beta": 0.05}, **config, **options)
+    trainer = TIKEGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        reward_funcs=reward_length,
+        args=args,
+        train_dataset=prompt_dataset(),
+        processing_class=load_tokenizer(tiny_model_dir),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
-    dense = surrogate.sum() / (ids.shape[0] * trainer.max_completion_length)
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-    expected = torch.autograd.grad(dense, params)
-    assert max(e.abs().max().item() for e in expected) > 1e-3
+    assert trainer.ref_model is None
+    with torch.no_grad():  # a new adapter starts as the identity (B = 0): move it off the reference
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    ours = _kl_part_of_the_gradient(trainer, inputs)
+
+    def adapters_off(**kwargs):
+        with trainer.model.disable_adapter():
+            return trainer.model(**kwargs)
+
+    expected = _dense_gradient(trainer, inputs, options, "loo", adapters_off)
+    assert len(expected) == sum("lora_" in name for name, _ in trainer.model.named_parameters())
     for got, want in zip(ours, expected):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-3)
 

@@ -76,6 +76,8 @@ def run(
     num_generations: int = 4,
     gradient_accumulation_steps: int = 1,
     rollout: str = "sample",
+    beta: float = 0.05,
+    learning_rate: float = 5e-2,
     **config,
 ) -> dict:
     """Train and return what the JSON file holds (every process returns it; the main one writes it)."""
@@ -83,13 +85,13 @@ def run(
         output_dir=output_dir,
         kl_estimator=kl_estimator,
         tike_top_k=4,
-        beta=0.05,
+        beta=beta,
         max_steps=steps,
         per_device_train_batch_size=per_device_batch,
         num_generations=num_generations,
         gradient_accumulation_steps=gradient_accumulation_steps,
         max_completion_length=8,
-        learning_rate=5e-2,
+        learning_rate=learning_rate,
         logging_steps=1,
         report_to="none",
         save_strategy="no",
@@ -139,6 +141,10 @@ def main() -> None:
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--rollout", choices=("sample", "deterministic"), default="sample")
+    parser.add_argument("--beta", type=float, default=0.05)
+    parser.add_argument("--learning-rate", type=float, default=5e-2)
+    parser.add_argument("--kl-gradient", default="token")
+    parser.add_argument("--kl-sequence-baseline", default="running_mean")
     parser.add_argument(
         "--use-cpu",
         action=argparse.BooleanOptionalAction,
@@ -155,7 +161,11 @@ def main() -> None:
         a.num_generations,
         a.gradient_accumulation_steps,
         a.rollout,
+        a.beta,
+        a.learning_rate,
         use_cpu=a.use_cpu,
+        kl_gradient=a.kl_gradient,
+        kl_sequence_baseline=a.kl_sequence_baseline,
     )
     from accelerate import PartialState
 
