@@ -10,12 +10,12 @@ import pytest
 import torch
 from dense_head import DenseHeadTrainer
 from peft import LoraConfig, get_peft_model
-from tiny import load_tokenizer, prompt_dataset, reward_length, save_tiny_model
-from trainers import COMMON, fixed_batch, make_trainer
+from tiny import save_tiny_model
+from trainers import fixed_batch, make_trainer
 from transformers import AutoModelForCausalLM
 from trl import GRPOConfig
 
-from tike_trl import TIKEConfig, TIKEGRPOTrainer
+from tike_trl import TIKEConfig
 
 
 def train_and_check(trainer, expect_topk_mass: bool = False) -> list[dict]:
@@ -76,16 +76,8 @@ def _last_hidden(model, input_ids):
 
 @pytest.mark.parametrize("estimator", ["tike", "rb"])
 def test_peft_new_adapter_reference_is_adapters_disabled(tiny_model_dir, tmp_path, estimator):
-    args = TIKEConfig(
-        output_dir=str(tmp_path / "out"), **{**COMMON, "beta": 0.05}, kl_estimator=estimator, tike_top_k=4
-    )
-    trainer = TIKEGRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        reward_funcs=reward_length,
-        args=args,
-        train_dataset=prompt_dataset(),
-        processing_class=load_tokenizer(tiny_model_dir),
-        peft_config=LoraConfig(**LORA),
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, peft_config=LoraConfig(**LORA), kl_estimator=estimator, tike_top_k=4
     )
     assert trainer.ref_model is None
     logs = train_and_check(trainer, expect_topk_mass=estimator == "tike")

@@ -9,11 +9,9 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig
-from tiny import load_tokenizer, prompt_dataset, reward_length
-from trainers import COMMON, fixed_batch, make_trainer
-from transformers import AutoModelForCausalLM
+from trainers import fixed_batch, make_trainer
 
-from tike_trl import TIKEConfig, TIKEGRPOTrainer, sequence_kl_surrogate
+from tike_trl import TIKEConfig, sequence_kl_surrogate
 from tike_trl.trainer import PositionRunningMean
 
 
@@ -103,15 +101,8 @@ def test_kl_gradient_with_a_lora_adapter(tiny_model_dir, tmp_path, options):
     adapter's gradient is still the dense surrogate's (reference forward with the adapter off)."""
     _, inputs = fixed_batch(tiny_model_dir, tmp_path)
     config = dict(loss_type="dr_grpo", kl_gradient="sequence", kl_sequence_baseline="loo", tike_top_k=4)
-    args = TIKEConfig(output_dir=str(tmp_path / "peft"), **{**COMMON, "beta": 0.05}, **config, **options)
-    trainer = TIKEGRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        reward_funcs=reward_length,
-        args=args,
-        train_dataset=prompt_dataset(),
-        processing_class=load_tokenizer(tiny_model_dir),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    )
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=lora, **config, **options)
     assert trainer.ref_model is None
     with torch.no_grad():  # a new adapter starts as the identity (B = 0): move it off the reference
         for name, p in trainer.model.named_parameters():

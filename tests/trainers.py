@@ -27,9 +27,12 @@ COMMON = dict(
 )
 
 
-def make_trainer(model_dir, tmp_path, cls=TIKEGRPOTrainer, config_cls=TIKEConfig, model=None, **overrides):
-    """A `cls` trainer (ours by default) on the model saved in `model_dir` (or `model`), with
-    `COMMON`, beta 0.05 and `overrides` as its config, writing under `tmp_path / "out"`."""
+def make_trainer(
+    model_dir, tmp_path, cls=TIKEGRPOTrainer, config_cls=TIKEConfig, model=None, peft_config=None, **overrides
+):
+    """A `cls` trainer (ours by default) on the model saved in `model_dir` (or `model`, with a new
+    adapter from `peft_config`), with `COMMON`, beta 0.05 and `overrides` as its config, writing
+    under `tmp_path / "out"`."""
     args = config_cls(output_dir=str(tmp_path / "out"), **{**COMMON, "beta": 0.05, **overrides})
     model = model if model is not None else AutoModelForCausalLM.from_pretrained(model_dir)
     return cls(
@@ -38,6 +41,7 @@ def make_trainer(model_dir, tmp_path, cls=TIKEGRPOTrainer, config_cls=TIKEConfig
         args=args,
         train_dataset=prompt_dataset(),
         processing_class=load_tokenizer(model_dir),
+        peft_config=peft_config,
     )
 
 
