@@ -197,6 +197,11 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def sampled_logprob(logits: torch.Tensor, sampled_ids: torch.Tensor) -> torch.Tensor:
+    """log π(o) of the sampled tokens from dense logits, in at least fp32 (the oracles' log-softmax → gather)."""
+    return F.log_softmax(at_least_fp32(logits), -1).gather(-1, sampled_ids.long().unsqueeze(-1)).squeeze(-1)
+
+
 def kl_estimate(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -344,7 +349,7 @@ def sequence_kl_surrogate(
         bias_correction=bias_correction,
         **options,
     )
-    logp_o = F.log_softmax(at_least_fp32(policy_logits), -1).gather(-1, sampled_ids.long().unsqueeze(-1)).squeeze(-1)
+    logp_o = sampled_logprob(policy_logits, sampled_ids)
     future = future_kl(values, mask, inclusive=estimator in SCORE_FROM_OWN_POSITION)
     if group_size is not None:
         future = future - leave_one_out(future, group_size) - baseline_offset(estimator)

@@ -31,6 +31,7 @@ from ..estimators import (
     kl_estimate,
     leave_one_out,
     p_log_ratio,
+    sampled_logprob,
 )
 
 # value estimators compared in bias and variance; on-policy samples, so the importance ratio is 1
@@ -102,10 +103,6 @@ def truncation_stats(
         top1=top.values[:, 0].exp(),
         p_sampled=logp_o.exp(),
     )
-
-
-def _sampled_logprob(policy_logits: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(at_least_fp32(policy_logits), dim=-1).gather(-1, sampled.long().unsqueeze(-1)).squeeze(-1)
 
 
 def token_estimate(
@@ -246,7 +243,7 @@ def score_chunk(
     gradients = None
     if weights is not None:
         with torch.enable_grad():
-            (score,) = torch.autograd.grad(_sampled_logprob(policy_logits, sampled).sum(), weights)
+            (score,) = torch.autograd.grad(sampled_logprob(policy_logits, sampled).sum(), weights)
         mask = layout.to(torch.float32)
         future = {
             name: future_kl(padded(values[name]), mask, inclusive=_estimator(name) in SCORE_FROM_OWN_POSITION)
